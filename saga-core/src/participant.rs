@@ -1,0 +1,318 @@
+//! The participant runtime: consumes saga commands and answers them.
+//!
+//! For each command, in one transaction of the participant's store: the inbox
+//! record, the step mark, the handler's business writes and the reply in the
+//! outbox. A duplicate command (same message id) gets the stored reply again
+//! without running the handler.
+//!
+//! Step marks make a timed-out step safe to compensate. The orchestrator
+//! compensates a step whose reply missed its deadline, and the compensation
+//! may overtake the command. Per (saga, step) the runtime remembers whether
+//! the action was applied or compensated:
+//! - a compensation for an action that never ran here is answered as done
+//!   without calling the handler, and the action, if it arrives later, is
+//!   refused instead of applied;
+//! - a retried command (new id) for an action already applied gets the first
+//!   reply again instead of applying it twice.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::clock;
+use crate::error::{Error, Result, StepError};
+use crate::message::{Message, OutboxEntry};
+use crate::reply::{self, Reply};
+use crate::saga::Phase;
+use crate::store::{Begin, IdempotencyStore, OutboxStore, StepClaim, StepMark, Transactional};
+use crate::transport::Transport;
+use crate::wire::headers;
+use crate::worker::{self, Worker};
+
+/// Handles one type of command: the trait participants implement.
+#[async_trait]
+pub trait CommandHandler<Tx: Send + 'static>: Send + Sync + 'static {
+    /// Applies the command through `tx` and says what to reply. An error rolls
+    /// back `tx` and sends a failure reply ([`StepError::retryable`] lets the
+    /// orchestrator retry the step).
+    async fn handle(&self, tx: &mut Tx, command: &Message) -> Result<Reply, StepError>;
+}
+
+/// A participant service: a consumer group on its command channel.
+pub struct Participant<S: Transactional> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S: Transactional> Clone for Participant<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<S: Transactional> fmt::Debug for Participant<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Participant")
+            .field("name", &self.inner.name)
+            .field("channel", &self.inner.channel)
+            .field("commands", &self.inner.handlers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner<S: Transactional> {
+    name: String,
+    channel: String,
+    store: S,
+    transport: Arc<dyn Transport>,
+    handlers: HashMap<String, Arc<dyn CommandHandler<S::Tx>>>,
+}
+
+/// The step a command belongs to, from its headers.
+struct StepRef {
+    saga_id: crate::SagaId,
+    step: u32,
+    phase: Phase,
+}
+
+impl<S: OutboxStore + IdempotencyStore + Clone> Participant<S> {
+    /// A participant named `name` (its consumer group and inbox name) that
+    /// consumes commands from `channel`.
+    pub fn new(
+        name: impl Into<String>,
+        channel: impl Into<String>,
+        store: S,
+        transport: Arc<dyn Transport>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                name: name.into(),
+                channel: channel.into(),
+                store,
+                transport,
+                handlers: HashMap::new(),
+            }),
+        }
+    }
+
+    /// Registers the handler of `command_type` (before [`spawn`](Self::spawn)).
+    #[must_use]
+    pub fn on(
+        mut self,
+        command_type: impl Into<String>,
+        handler: impl CommandHandler<S::Tx>,
+    ) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("handlers are registered before the participant is cloned or spawned")
+            .handlers
+            .insert(command_type.into(), Arc::new(handler));
+        self
+    }
+
+    /// Consumes commands in the background.
+    pub async fn spawn(&self) -> Result<Worker> {
+        let subscription = self
+            .inner
+            .transport
+            .subscribe(&self.inner.name, std::slice::from_ref(&self.inner.channel))
+            .await?;
+        let (mut worker, signal) = Worker::new();
+        let this = self.clone();
+        worker.spawn(worker::consume(subscription, signal, move |command| {
+            let this = this.clone();
+            async move { this.handle(&command).await }
+        }));
+        Ok(worker)
+    }
+
+    /// Handles one command (what the background consumer does for each).
+    /// `Ok` means it may be acknowledged.
+    pub async fn handle(&self, command: &Message) -> Result<()> {
+        let inner = &self.inner;
+        let step = step_ref(command)?;
+        let now = clock::now();
+        let mut tx = inner.store.begin().await?;
+        if let Begin::Duplicate { reply } = inner
+            .store
+            .begin_processing(&mut tx, &inner.name, command.id, now)
+            .await?
+        {
+            drop(tx);
+            if let Some(reply) = reply {
+                inner
+                    .transport
+                    .publish(&reply.channel, &reply.message)
+                    .await?;
+            }
+            return Ok(());
+        }
+        let Some(handler) = inner.handlers.get(&command.message_type).cloned() else {
+            let error = format!(
+                "participant `{}` has no handler for command type `{}`",
+                inner.name, command.message_type
+            );
+            if command.reply_to.is_none() {
+                return Err(Error::InvalidMessage(error));
+            }
+            let reply = reply::failure(command, &inner.name, &StepError::rejected(error));
+            return self.finish(tx, command, reply).await;
+        };
+
+        let reply = match &step {
+            None => self.run(&mut tx, &*handler, command, None).await?,
+            Some(step) => {
+                let wanted = match step.phase {
+                    Phase::Forward => StepMark::Applied,
+                    Phase::Compensation => StepMark::Compensated,
+                };
+                let claim = inner
+                    .store
+                    .claim_step(&mut tx, &inner.name, step.saga_id, step.step, wanted, now)
+                    .await?;
+                match (step.phase, claim) {
+                    // Fresh action, or compensation of an applied action: run the handler.
+                    (Phase::Forward, StepClaim::Inserted)
+                    | (
+                        Phase::Compensation,
+                        StepClaim::Existing {
+                            mark: StepMark::Applied,
+                            ..
+                        },
+                    ) => self.run(&mut tx, &*handler, command, Some(step)).await?,
+                    // The action was applied before (an earlier attempt): answer as then.
+                    (
+                        Phase::Forward,
+                        StepClaim::Existing {
+                            mark: StepMark::Applied,
+                            reply: Some(stored),
+                        },
+                    ) => Ok(Some(reply::readdress(&stored, command))),
+                    (Phase::Forward, StepClaim::Existing { mark, .. }) => {
+                        Err(StepError::rejected(format!(
+                            "step {} of saga {} is already {}; the command is not applied",
+                            step.step,
+                            step.saga_id,
+                            mark.as_str()
+                        )))
+                    }
+                    // Compensation of an action that never ran here, or already compensated.
+                    (Phase::Compensation, _) => Ok(reply::success(
+                        command,
+                        &inner.name,
+                        Reply::empty(format!("{}.done", command.message_type)),
+                    )),
+                }
+            }
+        };
+        match reply {
+            Ok(entry) => self.finish(tx, command, entry).await,
+            Err(error) => {
+                // The handler's writes (and the step mark) roll back; record the failure alone.
+                drop(tx);
+                let mut tx = inner.store.begin().await?;
+                if let Begin::Duplicate { .. } = inner
+                    .store
+                    .begin_processing(&mut tx, &inner.name, command.id, now)
+                    .await?
+                {
+                    return Ok(());
+                }
+                let reply = reply::failure(command, &inner.name, &error);
+                if reply.is_none() {
+                    tracing::warn!(command = %command.id, %error, "command failed and has no reply channel");
+                }
+                self.finish(tx, command, reply).await
+            }
+        }
+    }
+
+    /// Runs the handler. `Ok(Ok(reply))` success (no reply without a reply
+    /// channel), `Ok(Err(e))` the handler refused.
+    async fn run(
+        &self,
+        tx: &mut S::Tx,
+        handler: &dyn CommandHandler<S::Tx>,
+        command: &Message,
+        step: Option<&StepRef>,
+    ) -> Result<Result<Option<OutboxEntry>, StepError>> {
+        let inner = &self.inner;
+        let answer = match handler.handle(tx, command).await {
+            Ok(answer) => answer,
+            Err(error) => return Ok(Err(error)),
+        };
+        let entry = reply::success(command, &inner.name, answer);
+        if let Some(step) = step {
+            let mark = match step.phase {
+                Phase::Forward => StepMark::Applied,
+                Phase::Compensation => StepMark::Compensated,
+            };
+            inner
+                .store
+                .update_step(
+                    tx,
+                    &inner.name,
+                    step.saga_id,
+                    step.step,
+                    mark,
+                    entry.as_ref(),
+                )
+                .await?;
+        }
+        Ok(Ok(entry))
+    }
+
+    /// Stores and enqueues the reply (if any) and commits.
+    async fn finish(
+        &self,
+        mut tx: S::Tx,
+        command: &Message,
+        reply: Option<OutboxEntry>,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        if let Some(reply) = reply {
+            inner
+                .store
+                .save_reply(&mut tx, &inner.name, command.id, &reply)
+                .await?;
+            inner
+                .store
+                .enqueue(&mut tx, std::slice::from_ref(&reply))
+                .await?;
+        }
+        inner.store.commit(tx).await
+    }
+}
+
+fn step_ref(command: &Message) -> Result<Option<StepRef>> {
+    let Some(saga_id) = command.saga_id else {
+        return Ok(None);
+    };
+    let (Some(step), Some(phase)) = (
+        command.header(headers::SAGA_STEP),
+        command.header(headers::SAGA_PHASE),
+    ) else {
+        return Ok(None);
+    };
+    let step = step.parse().map_err(|_| {
+        Error::InvalidMessage(format!(
+            "command {} has a `{}` header that is not a number: {step:?}",
+            command.id,
+            headers::SAGA_STEP
+        ))
+    })?;
+    let phase = Phase::parse(phase).ok_or_else(|| {
+        Error::InvalidMessage(format!(
+            "command {} has a `{}` header that is neither forward nor compensation: {phase:?}",
+            command.id,
+            headers::SAGA_PHASE
+        ))
+    })?;
+    Ok(Some(StepRef {
+        saga_id,
+        step,
+        phase,
+    }))
+}

@@ -1,0 +1,165 @@
+//! Conformance suites every backend runs against its real service.
+//!
+//! Each suite is a module of `async fn case(subject)` functions and a macro
+//! that turns every case into a `#[tokio::test]` calling a setup function of
+//! yours, `async fn setup() -> Option<Subject>`, which builds a fresh subject
+//! (its own schema, file, topic prefix) or returns `None` through
+//! [`unavailable`] when the service cannot be reached:
+//!
+//! ```ignore
+//! async fn setup() -> Option<MyStore> {
+//!     match MyStore::connect(&std::env::var("DATABASE_URL").ok()?).await {
+//!         Ok(store) => Some(store),
+//!         Err(e) => saga_core::testing::unavailable("PostgreSQL", e),
+//!     }
+//! }
+//! saga_core::outbox_conformance!(setup);
+//! saga_core::idempotency_conformance!(setup);
+//! saga_core::saga_store_conformance!(setup);
+//! ```
+//!
+//! The generated tests need `tokio` (with `macros` and `rt-multi-thread`) in
+//! the calling crate's dev-dependencies.
+
+pub mod idempotency;
+pub mod outbox;
+pub mod saga_store;
+pub mod transport;
+
+use std::fmt::Display;
+use std::time::Duration;
+
+/// Whether tests must fail instead of skipping when a service is unreachable
+/// (`SAGA_REQUIRE_SERVICES=1`, set by the project's test command).
+pub fn services_required() -> bool {
+    std::env::var("SAGA_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// Reports an unreachable service: panics when services are required,
+/// otherwise prints why the test is skipped and returns `None`.
+pub fn unavailable<T>(service: &str, error: impl Display) -> Option<T> {
+    assert!(
+        !services_required(),
+        "{service} is unreachable and SAGA_REQUIRE_SERVICES=1: {error}"
+    );
+    eprintln!(
+        "skipping: {service} is unreachable ({error}); set SAGA_REQUIRE_SERVICES=1 to fail instead"
+    );
+    None
+}
+
+/// A name no other test uses (for channels, groups, schemas).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// How long a suite waits for something that must happen.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Generates one `#[tokio::test]` per case of a suite.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_cases {
+    ($suite:ident, $setup:path, [$($case:ident),+ $(,)?]) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let Some(subject) = $setup().await else { return };
+                $crate::testing::$suite::$case(subject).await;
+            }
+        )+
+    };
+}
+
+/// Runs the outbox store suite ([`outbox`]) with `setup`.
+#[macro_export]
+macro_rules! outbox_conformance {
+    ($setup:path) => {
+        $crate::__conformance_cases!(
+            outbox,
+            $setup,
+            [
+                enqueue_commits_with_the_transaction,
+                rollback_discards_enqueued_messages,
+                claim_respects_limit_and_order,
+                claimed_records_are_leased,
+                published_records_are_never_claimed_again,
+                per_key_order_holds_while_the_head_waits,
+                failure_counts_attempts_and_delays,
+                dead_letters_leave_the_line_and_can_be_requeued,
+                release_returns_records_without_an_attempt,
+                purge_deletes_only_old_published_records,
+                stats_report_pending_dead_and_oldest,
+                concurrent_claims_never_overlap,
+            ]
+        );
+    };
+}
+
+/// Runs the idempotency store suite ([`idempotency`]) with `setup`.
+#[macro_export]
+macro_rules! idempotency_conformance {
+    ($setup:path) => {
+        $crate::__conformance_cases!(
+            idempotency,
+            $setup,
+            [
+                first_delivery_is_fresh_then_duplicate,
+                rollback_forgets_the_message,
+                duplicate_returns_the_stored_reply,
+                consumers_are_independent,
+                concurrent_deliveries_are_processed_once,
+                step_claim_inserts_then_reports_existing,
+                step_claim_rolls_back_with_the_transaction,
+                purge_removes_only_old_records,
+            ]
+        );
+    };
+}
+
+/// Runs the saga store suite ([`saga_store`]) with `setup`.
+#[macro_export]
+macro_rules! saga_store_conformance {
+    ($setup:path) => {
+        $crate::__conformance_cases!(
+            saga_store,
+            $setup,
+            [
+                create_then_load_and_get,
+                rollback_discards_the_saga,
+                save_checks_the_version,
+                everything_round_trips,
+                claim_due_returns_due_unleased_unfinished_sagas,
+                expired_leases_are_claimed_again,
+                save_clears_the_lease,
+                list_filters_by_state_and_type,
+                log_keeps_order_per_correlation,
+            ]
+        );
+    };
+}
+
+/// Runs the transport suite ([`transport`]) with `setup`.
+#[macro_export]
+macro_rules! transport_conformance {
+    ($setup:path) => {
+        $crate::__conformance_cases!(
+            transport,
+            $setup,
+            [
+                published_message_is_delivered,
+                envelope_round_trips,
+                acked_message_is_not_redelivered,
+                nacked_message_is_redelivered,
+                unacked_delivery_goes_to_another_member,
+                group_members_share_the_work,
+                every_group_gets_every_message,
+                order_per_key_is_kept,
+                repeated_nacks_end_in_the_dead_letter_channel,
+                dead_lettered_message_is_not_redelivered,
+                publish_batch_confirms_each_message,
+                late_group_receives_history,
+            ]
+        );
+    };
+}

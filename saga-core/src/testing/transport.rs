@@ -1,0 +1,375 @@
+//! Conformance cases for [`Transport`].
+//!
+//! Each case uses channels and groups of its own. Cases about ordering,
+//! history and redelivery check only what [`Transport::capabilities`] claims.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::SubsecRound;
+
+use crate::ids::{MessageId, SagaId};
+use crate::message::{Message, OutboxEntry, TraceContext};
+use crate::testing::{PATIENCE, unique};
+use crate::transport::{Delivery, Subscription, Transport};
+use crate::wire::headers;
+
+/// How long a case waits to be sure nothing more arrives.
+const QUIET: Duration = Duration::from_millis(1500);
+
+async fn subscribe<T: Transport>(
+    transport: &T,
+    group: &str,
+    channel: &str,
+) -> Box<dyn Subscription> {
+    transport
+        .subscribe(group, &[channel.to_owned()])
+        .await
+        .unwrap_or_else(|e| panic!("subscribe {group} to {channel}: {e}"))
+}
+
+async fn receive(subscription: &mut Box<dyn Subscription>) -> Delivery {
+    tokio::time::timeout(PATIENCE, subscription.next())
+        .await
+        .expect("a delivery within the patience window")
+        .expect("a delivery")
+}
+
+async fn nothing_more(subscription: &mut Box<dyn Subscription>) {
+    if let Ok(delivery) = tokio::time::timeout(QUIET, subscription.next()).await {
+        panic!(
+            "expected no delivery, got {:?}",
+            delivery.map(|d| d.message.id)
+        );
+    }
+}
+
+fn message(label: &str) -> Message {
+    Message::new("test.event", label.as_bytes().to_vec()).with_source("conformance")
+}
+
+fn keyed(key: &str, label: &str) -> Message {
+    message(label).with_ordering_key(key)
+}
+
+fn label(delivery: &Delivery) -> String {
+    String::from_utf8_lossy(&delivery.message.payload).into_owned()
+}
+
+/// A published message reaches a subscribed group with its id, type and payload.
+pub async fn published_message_is_delivered<T: Transport>(transport: T) {
+    let channel = unique("events");
+    let mut sub = subscribe(&transport, &unique("group"), &channel).await;
+    let sent = message("hello");
+    transport.publish(&channel, &sent).await.unwrap();
+    let delivery = receive(&mut sub).await;
+    assert_eq!(delivery.channel, channel);
+    assert_eq!(delivery.message.id, sent.id);
+    assert_eq!(delivery.message.message_type, "test.event");
+    assert_eq!(delivery.message.payload, b"hello");
+    assert_eq!(delivery.attempt, 1);
+    delivery.ack().await.unwrap();
+}
+
+/// Every envelope field and free header survives the trip.
+pub async fn envelope_round_trips<T: Transport>(transport: T) {
+    let channel = unique("events");
+    let mut sub = subscribe(&transport, &unique("group"), &channel).await;
+    let mut sent = Message::json(
+        "order.placed",
+        &serde_json::json!({"total": "12.50", "items": [1, 2]}),
+    )
+    .unwrap()
+    .with_source("order-service")
+    .with_ordering_key("order-7")
+    .with_correlation_id("corr-7")
+    .with_causation_id(MessageId::new())
+    .with_saga_id(SagaId::new())
+    .with_reply_to("order.replies")
+    .with_trace(TraceContext {
+        traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        tracestate: Some("congo=t61rcWkgMzE".into()),
+    })
+    .with_header("tenant", "acme")
+    .with_header(headers::SAGA_STEP, "2");
+    sent.time = sent.time.trunc_subsecs(6);
+    transport.publish(&channel, &sent).await.unwrap();
+    let delivery = receive(&mut sub).await;
+    assert_eq!(delivery.message, sent);
+    delivery.ack().await.unwrap();
+}
+
+/// After an ack the group never sees the message again.
+pub async fn acked_message_is_not_redelivered<T: Transport>(transport: T) {
+    let channel = unique("events");
+    let mut sub = subscribe(&transport, &unique("group"), &channel).await;
+    transport.publish(&channel, &message("once")).await.unwrap();
+    receive(&mut sub).await.ack().await.unwrap();
+    nothing_more(&mut sub).await;
+}
+
+/// A nacked message comes back, counted as a second delivery.
+pub async fn nacked_message_is_redelivered<T: Transport>(transport: T) {
+    let channel = unique("events");
+    let mut sub = subscribe(&transport, &unique("group"), &channel).await;
+    let sent = message("again");
+    transport.publish(&channel, &sent).await.unwrap();
+    receive(&mut sub).await.nack("not yet").await.unwrap();
+    let again = receive(&mut sub).await;
+    assert_eq!(again.message.id, sent.id);
+    assert_eq!(again.attempt, 2);
+    again.ack().await.unwrap();
+}
+
+/// A member that dies holding an unacknowledged delivery: another member of
+/// the group gets the message.
+pub async fn unacked_delivery_goes_to_another_member<T: Transport>(transport: T) {
+    if !transport.capabilities().redelivers_unacked {
+        return;
+    }
+    let channel = unique("events");
+    let group = unique("group");
+    let mut first = subscribe(&transport, &group, &channel).await;
+    let sent = message("orphan");
+    transport.publish(&channel, &sent).await.unwrap();
+    let delivery = receive(&mut first).await;
+    assert_eq!(delivery.message.id, sent.id);
+    let mut second = subscribe(&transport, &group, &channel).await;
+    drop(delivery);
+    drop(first);
+    let again = receive(&mut second).await;
+    assert_eq!(again.message.id, sent.id);
+    again.ack().await.unwrap();
+}
+
+/// Two members of one group share the messages: each message reaches one of
+/// them, and both get some.
+pub async fn group_members_share_the_work<T: Transport>(transport: T) {
+    let channel = unique("events");
+    let group = unique("group");
+    let subs = [
+        subscribe(&transport, &group, &channel).await,
+        subscribe(&transport, &group, &channel).await,
+    ];
+    let total = 40;
+    for i in 0..total {
+        transport
+            .publish(&channel, &keyed(&format!("k{i}"), &format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let seen: Arc<Mutex<Vec<(usize, String)>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for (member, mut sub) in subs.into_iter().enumerate() {
+        let seen = Arc::clone(&seen);
+        tasks.push(tokio::spawn(async move {
+            while let Ok(Ok(delivery)) = tokio::time::timeout(QUIET * 2, sub.next()).await {
+                seen.lock().unwrap().push((member, label(&delivery)));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                delivery.ack().await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    let unique_labels: HashSet<_> = seen.iter().map(|(_, l)| l.clone()).collect();
+    assert_eq!(unique_labels.len(), total, "every message consumed");
+    assert_eq!(seen.len(), total, "no message consumed twice");
+    for member in 0..2 {
+        assert!(
+            seen.iter().any(|(m, _)| *m == member),
+            "member {member} got no work"
+        );
+    }
+}
+
+/// Two groups each receive every message.
+pub async fn every_group_gets_every_message<T: Transport>(transport: T) {
+    let channel = unique("events");
+    let mut a = subscribe(&transport, &unique("group-a"), &channel).await;
+    let mut b = subscribe(&transport, &unique("group-b"), &channel).await;
+    for i in 0..5 {
+        transport
+            .publish(&channel, &message(&format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    for sub in [&mut a, &mut b] {
+        let mut got = HashSet::new();
+        for _ in 0..5 {
+            let delivery = receive(sub).await;
+            got.insert(label(&delivery));
+            delivery.ack().await.unwrap();
+        }
+        assert_eq!(got.len(), 5);
+    }
+}
+
+/// Messages of one key are handled in publish order, also by competing members.
+pub async fn order_per_key_is_kept<T: Transport>(transport: T) {
+    if !transport.capabilities().ordered_per_key {
+        return;
+    }
+    let channel = unique("events");
+    let group = unique("group");
+    let subs = [
+        subscribe(&transport, &group, &channel).await,
+        subscribe(&transport, &group, &channel).await,
+    ];
+    let keys = ["a", "b", "c"];
+    let per_key = 15;
+    for i in 0..per_key {
+        for key in keys {
+            transport
+                .publish(&channel, &keyed(key, &format!("{key}:{i}")))
+                .await
+                .unwrap();
+        }
+    }
+    let order: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for mut sub in subs {
+        let order = Arc::clone(&order);
+        tasks.push(tokio::spawn(async move {
+            while let Ok(Ok(delivery)) = tokio::time::timeout(QUIET * 2, sub.next()).await {
+                order.lock().unwrap().push(label(&delivery));
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                delivery.ack().await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut by_key: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for entry in order.lock().unwrap().iter() {
+        let (key, index) = entry.split_once(':').unwrap();
+        by_key
+            .entry(key.to_owned())
+            .or_default()
+            .push(index.parse().unwrap());
+    }
+    for key in keys {
+        let expected: Vec<u32> = (0..per_key).collect();
+        assert_eq!(
+            by_key.get(key),
+            Some(&expected),
+            "key {key} out of order or incomplete"
+        );
+    }
+}
+
+/// A message nacked again and again ends in the dead-letter channel with its
+/// error, and the channel keeps flowing.
+pub async fn repeated_nacks_end_in_the_dead_letter_channel<T: Transport>(transport: T) {
+    let channel = unique("events");
+    let mut dead = subscribe(
+        &transport,
+        &unique("dlq-reader"),
+        &transport.dead_letter_channel(&channel),
+    )
+    .await;
+    let mut sub = subscribe(&transport, &unique("group"), &channel).await;
+    let poison = message("poison");
+    transport.publish(&channel, &poison).await.unwrap();
+    let mut deliveries = 0;
+    while let Ok(Ok(delivery)) = tokio::time::timeout(QUIET * 2, sub.next()).await {
+        assert_eq!(delivery.message.id, poison.id);
+        deliveries += 1;
+        assert!(deliveries <= 50, "never dead-lettered");
+        delivery.nack("handler exploded").await.unwrap();
+    }
+    assert!(deliveries >= 2, "redelivered before dead-lettering");
+    let letter = receive(&mut dead).await;
+    assert_eq!(letter.message.id, poison.id);
+    let error = letter
+        .message
+        .header(headers::DEAD_LETTER_ERROR)
+        .unwrap_or_default();
+    assert!(
+        error.contains("handler exploded"),
+        "dead letter carries the error: {error:?}"
+    );
+    letter.ack().await.unwrap();
+    let next = message("next");
+    transport.publish(&channel, &next).await.unwrap();
+    let delivery = receive(&mut sub).await;
+    assert_eq!(delivery.message.id, next.id);
+    delivery.ack().await.unwrap();
+}
+
+/// A message dead-lettered by the consumer goes to the dead-letter channel at
+/// once and is not delivered again.
+pub async fn dead_lettered_message_is_not_redelivered<T: Transport>(transport: T) {
+    let channel = unique("events");
+    let mut dead = subscribe(
+        &transport,
+        &unique("dlq-reader"),
+        &transport.dead_letter_channel(&channel),
+    )
+    .await;
+    let mut sub = subscribe(&transport, &unique("group"), &channel).await;
+    let bad = message("malformed");
+    transport.publish(&channel, &bad).await.unwrap();
+    receive(&mut sub)
+        .await
+        .dead_letter("payload is not JSON")
+        .await
+        .unwrap();
+    let letter = receive(&mut dead).await;
+    assert_eq!(letter.message.id, bad.id);
+    assert_eq!(
+        letter.message.header(headers::DEAD_LETTER_ERROR),
+        Some("payload is not JSON")
+    );
+    assert_eq!(
+        letter.message.header(headers::DEAD_LETTER_CHANNEL),
+        Some(channel.as_str())
+    );
+    letter.ack().await.unwrap();
+    nothing_more(&mut sub).await;
+}
+
+/// A batch publish confirms each message; all are delivered.
+pub async fn publish_batch_confirms_each_message<T: Transport>(transport: T) {
+    let channel = unique("events");
+    let mut sub = subscribe(&transport, &unique("group"), &channel).await;
+    let batch: Vec<_> = (0..10)
+        .map(|i| OutboxEntry::new(channel.clone(), keyed("k", &format!("m{i}"))))
+        .collect();
+    let results = transport.publish_batch(&batch).await;
+    assert_eq!(results.len(), 10);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        let delivery = receive(&mut sub).await;
+        got.push(label(&delivery));
+        delivery.ack().await.unwrap();
+    }
+    let expected: Vec<_> = (0..10).map(|i| format!("m{i}")).collect();
+    if transport.capabilities().ordered_per_key {
+        assert_eq!(got, expected);
+    } else {
+        assert_eq!(
+            got.iter().collect::<HashSet<_>>(),
+            expected.iter().collect()
+        );
+    }
+}
+
+/// A group that subscribes after messages were published still receives them.
+pub async fn late_group_receives_history<T: Transport>(transport: T) {
+    if !transport.capabilities().replays_history {
+        return;
+    }
+    let channel = unique("events");
+    let sent = message("early");
+    transport.publish(&channel, &sent).await.unwrap();
+    let mut sub = subscribe(&transport, &unique("late"), &channel).await;
+    let delivery = receive(&mut sub).await;
+    assert_eq!(delivery.message.id, sent.id);
+    delivery.ack().await.unwrap();
+}
