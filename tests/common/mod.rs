@@ -1,0 +1,446 @@
+//! A small world for engine tests: an orchestrator service, three
+//! participants, one relay per store, all on in-memory backends.
+//!
+//! The saga has four steps: a local one (`record`, in the orchestrator's own
+//! transaction) and three remote ones (`stock`, `payment`, `shipping`). Each
+//! saga carries a [`Plan`] that tells the participants how to behave for it.
+//! Every effect and compensation is counted in the service's own transaction,
+//! so the counts are what a database would hold.
+
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use saga::memory::{MemoryStore, MemoryTransport, MemoryTx};
+use saga::outbox::{Relay, RelayConfig};
+use saga::wire::headers;
+use saga::{
+    CommandHandler, Message, Orchestrator, OrchestratorConfig, Participant, Reply, RetryPolicy, SagaDefinition,
+    SagaId, SagaState, SagaStep, StepConfig, StepContext, StepError, StepOutcome, Store, Transport, Worker,
+};
+use serde::{Deserialize, Serialize};
+
+pub const SAGA: &str = "checkout";
+pub const PARTICIPANTS: [&str; 3] = ["stock", "payment", "shipping"];
+/// Attempts of a failing action.
+pub const ACTION_ATTEMPTS: u32 = 3;
+/// Attempts of a failing compensation.
+pub const COMPENSATION_ATTEMPTS: u32 = 4;
+/// Reply deadline of the remote steps: longer than any delay the fault
+/// schedules inject (outages, expired leases), so only planned slowness times out.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// How the services behave for one saga. Steps: 0 local, 1..=3 remote.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Plan {
+    /// This remote step refuses (business failure).
+    pub reject_at: Option<u32>,
+    /// Step -> number of retryable failures before it succeeds.
+    pub transient: BTreeMap<u32, u32>,
+    /// Step -> number of failing compensation attempts.
+    pub compensation_failures: BTreeMap<u32, u32>,
+    /// This remote step answers its first attempt after the deadline.
+    pub slow_at: Option<u32>,
+}
+
+impl Plan {
+    /// The step where the saga stops going forward, if any (ignoring slowness).
+    pub fn first_failure(&self) -> Option<u32> {
+        let exhausted = self
+            .transient
+            .iter()
+            .filter(|(_, n)| **n >= ACTION_ATTEMPTS)
+            .map(|(s, _)| *s);
+        self.reject_at.into_iter().chain(exhausted).min()
+    }
+
+    /// The terminal state this plan must end in; `None` when timing decides
+    /// (a slow step may still complete through a retry).
+    pub fn expected(&self) -> Option<SagaState> {
+        if self.slow_at.is_some() {
+            return None;
+        }
+        let Some(failed) = self.first_failure() else {
+            return Some(SagaState::Completed);
+        };
+        let stuck = (0..failed).any(|s| self.compensation_failures.get(&s).copied().unwrap_or(0) >= COMPENSATION_ATTEMPTS);
+        Some(if stuck { SagaState::Failed } else { SagaState::Compensated })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckoutData {
+    pub plan: Plan,
+}
+
+/// What a service recorded for one step of one saga.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Effect {
+    pub applied: u32,
+    pub compensated: u32,
+    /// Global order in which compensations committed.
+    pub compensated_seq: u64,
+}
+
+pub const EFFECTS: &str = "effects";
+
+fn effect_key(saga: SagaId, step: u32) -> String {
+    format!("{saga}:{step}")
+}
+
+/// Failure counters that survive rollbacks (they live outside the stores).
+#[derive(Default)]
+pub struct Counters {
+    failures: Mutex<HashMap<(String, u32, &'static str), u32>>,
+    pub sequence: AtomicU64,
+}
+
+impl Counters {
+    /// Counts one more failure of `what`; returns whether it should still fail.
+    fn should_fail(&self, saga: &str, step: u32, what: &'static str, planned: u32) -> bool {
+        let mut failures = self.failures.lock().unwrap();
+        let count = failures.entry((saga.to_owned(), step, what)).or_default();
+        if *count < planned {
+            *count += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn apply(tx: &mut MemoryTx, counters: &Counters, saga: SagaId, step: u32, compensation: bool) -> Result<(), StepError> {
+    let key = effect_key(saga, step);
+    let mut effect: Effect = tx.get(EFFECTS, &key)?.unwrap_or_default();
+    if compensation {
+        effect.compensated += 1;
+        effect.compensated_seq = counters.sequence.fetch_add(1, Ordering::SeqCst) + 1;
+    } else {
+        effect.applied += 1;
+    }
+    tx.put(EFFECTS, &key, &effect)?;
+    Ok(())
+}
+
+fn plan_of(command: &Message) -> Result<(SagaId, u32, Plan), StepError> {
+    let saga = command.saga_id.ok_or_else(|| StepError::rejected("no saga id"))?;
+    let step = command
+        .header(headers::SAGA_STEP)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| StepError::rejected("no step"))?;
+    let data: CheckoutData = command.payload_json()?;
+    Ok((saga, step, data.plan))
+}
+
+/// The participant's command handler: does what the plan says.
+pub struct PlannedHandler {
+    pub counters: Arc<Counters>,
+    pub compensation: bool,
+}
+
+#[async_trait]
+impl CommandHandler<MemoryTx> for PlannedHandler {
+    async fn handle(&self, tx: &mut MemoryTx, command: &Message) -> Result<Reply, StepError> {
+        let (saga, step, plan) = plan_of(command)?;
+        let id = saga.to_string();
+        if self.compensation {
+            let planned = plan.compensation_failures.get(&step).copied().unwrap_or(0);
+            if self.counters.should_fail(&id, step, "compensation", planned) {
+                return Err(StepError::retryable("compensation failed (planned)"));
+            }
+        } else {
+            if plan.reject_at == Some(step) {
+                return Err(StepError::rejected("refused (planned)"));
+            }
+            let planned = plan.transient.get(&step).copied().unwrap_or(0);
+            if self.counters.should_fail(&id, step, "action", planned) {
+                return Err(StepError::retryable("busy (planned)"));
+            }
+            if plan.slow_at == Some(step) && command.header(headers::SAGA_ATTEMPT) == Some("1") {
+                tokio::time::sleep(DEADLINE + Duration::from_secs(1)).await;
+            }
+        }
+        apply(tx, &self.counters, saga, step, self.compensation).await?;
+        Ok(Reply::empty(format!("{}.ok", command.message_type)))
+    }
+}
+
+/// The local first step, in the orchestrator's own transaction.
+pub struct Record {
+    pub counters: Arc<Counters>,
+}
+
+#[async_trait]
+impl SagaStep<CheckoutData, MemoryTx> for Record {
+    fn name(&self) -> &str {
+        "record"
+    }
+
+    async fn execute(&self, ctx: &mut StepContext<'_, MemoryTx>, _: &mut CheckoutData) -> Result<StepOutcome, StepError> {
+        apply(ctx.tx, &self.counters, ctx.saga_id, 0, false).await?;
+        Ok(StepOutcome::Done)
+    }
+
+    async fn compensate(&self, ctx: &mut StepContext<'_, MemoryTx>, data: &mut CheckoutData) -> Result<StepOutcome, StepError> {
+        let planned = data.plan.compensation_failures.get(&0).copied().unwrap_or(0);
+        if self.counters.should_fail(&ctx.saga_id.to_string(), 0, "compensation", planned) {
+            return Err(StepError::retryable("local compensation failed (planned)"));
+        }
+        apply(ctx.tx, &self.counters, ctx.saga_id, 0, true).await?;
+        Ok(StepOutcome::Done)
+    }
+}
+
+/// A remote step: one command to a participant, another to undo it.
+pub struct Remote {
+    pub participant: &'static str,
+}
+
+#[async_trait]
+impl SagaStep<CheckoutData, MemoryTx> for Remote {
+    fn name(&self) -> &str {
+        self.participant
+    }
+
+    async fn execute(&self, _: &mut StepContext<'_, MemoryTx>, data: &mut CheckoutData) -> Result<StepOutcome, StepError> {
+        StepOutcome::send_json(format!("{}.commands", self.participant), format!("{}.do", self.participant), data)
+    }
+
+    async fn compensate(&self, _: &mut StepContext<'_, MemoryTx>, data: &mut CheckoutData) -> Result<StepOutcome, StepError> {
+        StepOutcome::send_json(format!("{}.commands", self.participant), format!("{}.undo", self.participant), data)
+    }
+}
+
+pub fn definition(counters: &Arc<Counters>) -> SagaDefinition<CheckoutData, MemoryTx> {
+    let config = StepConfig::default()
+        .retry(RetryPolicy::attempts(ACTION_ATTEMPTS).with_backoff(Duration::from_millis(100), Duration::from_secs(1)))
+        .compensation_retry(
+            RetryPolicy::attempts(COMPENSATION_ATTEMPTS).with_backoff(Duration::from_millis(100), Duration::from_secs(1)),
+        )
+        .deadline(DEADLINE);
+    let mut definition = SagaDefinition::new(SAGA)
+        .default_config(config)
+        .step(Record { counters: Arc::clone(counters) });
+    for participant in PARTICIPANTS {
+        definition = definition.step(Remote { participant });
+    }
+    definition
+}
+
+pub fn orchestrator<S: Store<Tx = MemoryTx> + Clone>(store: S, transport: Arc<dyn Transport>, counters: &Arc<Counters>) -> Orchestrator<S> {
+    let config = OrchestratorConfig::new("checkout")
+        .poll_interval(Duration::from_millis(100))
+        .lease(Duration::from_secs(3));
+    Orchestrator::builder(store, transport, config).saga(definition(counters)).build()
+}
+
+pub fn relay_config() -> RelayConfig {
+    RelayConfig::default()
+        .poll_interval(Duration::from_millis(50))
+        .lease(Duration::from_secs(3))
+        .retry(RetryPolicy::attempts(1000).with_backoff(Duration::from_millis(20), Duration::from_millis(500)))
+}
+
+/// Every service of the world, with its own store.
+pub struct World {
+    pub transport: MemoryTransport,
+    pub counters: Arc<Counters>,
+    pub orchestrator_store: MemoryStore,
+    pub participant_stores: Vec<MemoryStore>,
+    pub orchestrator: Orchestrator<MemoryStore>,
+    pub orchestrator_worker: Option<Worker>,
+    pub participant_workers: Vec<Worker>,
+    pub relays: Vec<Option<Worker>>,
+}
+
+impl World {
+    pub async fn start(transport: MemoryTransport) -> Self {
+        let counters = Arc::new(Counters::default());
+        let shared: Arc<dyn Transport> = Arc::new(transport.clone());
+        let orchestrator_store = MemoryStore::new();
+        let orchestrator = orchestrator(orchestrator_store.clone(), Arc::clone(&shared), &counters);
+        let mut participant_stores = Vec::new();
+        let mut participant_workers = Vec::new();
+        for name in PARTICIPANTS {
+            let store = MemoryStore::new();
+            let participant = Participant::new(name, format!("{name}.commands"), store.clone(), Arc::clone(&shared))
+                .on(format!("{name}.do"), PlannedHandler { counters: Arc::clone(&counters), compensation: false })
+                .on(format!("{name}.undo"), PlannedHandler { counters: Arc::clone(&counters), compensation: true });
+            participant_workers.push(participant.spawn().await.unwrap());
+            participant_stores.push(store);
+        }
+        let mut world = Self {
+            transport,
+            counters,
+            orchestrator_store,
+            participant_stores,
+            orchestrator_worker: None,
+            orchestrator,
+            participant_workers,
+            relays: Vec::new(),
+        };
+        world.orchestrator_worker = Some(world.orchestrator.spawn().await.unwrap());
+        for index in 0..=PARTICIPANTS.len() {
+            let relay = world.relay(index);
+            world.relays.push(Some(relay));
+        }
+        world
+    }
+
+    pub fn stores(&self) -> Vec<MemoryStore> {
+        std::iter::once(self.orchestrator_store.clone()).chain(self.participant_stores.iter().cloned()).collect()
+    }
+
+    fn relay(&self, index: usize) -> Worker {
+        let store = self.stores()[index].clone();
+        Relay::new(store, Arc::new(self.transport.clone()), relay_config()).spawn()
+    }
+
+    /// Kills the orchestrator (as `kill -9` would) and starts a new instance on the same store.
+    pub async fn crash_orchestrator(&mut self) {
+        if let Some(worker) = self.orchestrator_worker.take() {
+            worker.abort().await;
+        }
+        let shared: Arc<dyn Transport> = Arc::new(self.transport.clone());
+        self.orchestrator = orchestrator(self.orchestrator_store.clone(), shared, &self.counters);
+        self.orchestrator_worker = Some(self.orchestrator.spawn().await.unwrap());
+    }
+
+    /// Kills one relay mid-whatever and starts another on the same store.
+    pub async fn crash_relay(&mut self, index: usize) {
+        if let Some(worker) = self.relays[index].take() {
+            worker.abort().await;
+        }
+        self.relays[index] = Some(self.relay(index));
+    }
+
+    pub async fn state(&self, id: SagaId) -> SagaState {
+        self.orchestrator.saga(id).await.unwrap().expect("saga exists").instance.state
+    }
+
+    /// Waits (in tokio time) until every saga ended; panics after `limit`.
+    pub async fn wait_terminal(&self, ids: &[SagaId], limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let mut open = Vec::new();
+            for id in ids {
+                let state = self.state(*id).await;
+                if !state.is_terminal() {
+                    open.push((id, state));
+                }
+            }
+            if open.is_empty() {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "sagas still open after {limit:?}: {open:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every outbox is empty and no delivery is in flight anywhere.
+    pub async fn wait_quiet(&self) {
+        for store in self.stores() {
+            saga::outbox::wait_until_delivered(&store, Duration::from_secs(600)).await.expect("outbox drains");
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        for store in self.stores() {
+            saga::outbox::wait_until_delivered(&store, Duration::from_secs(600)).await.expect("outbox drains");
+        }
+    }
+
+    /// The effect every service recorded for step `step` of saga `id`.
+    pub async fn effect(&self, id: SagaId, step: u32) -> Effect {
+        let store = if step == 0 { &self.orchestrator_store } else { &self.participant_stores[step as usize - 1] };
+        store.get(EFFECTS, &effect_key(id, step)).await.unwrap().unwrap_or_default()
+    }
+
+    /// Checks what the databases hold for one terminal saga, against its
+    /// state; with `exact`, also that the state is the one its plan leads to.
+    pub async fn check_saga(&self, id: SagaId, plan: &Plan, exact: bool) -> Result<(), String> {
+        let view = self.orchestrator.saga(id).await.unwrap().unwrap();
+        let state = view.instance.state;
+        if let Some(expected) = plan.expected().filter(|_| exact) {
+            if state != expected {
+                return Err(format!("saga {id} ended {state:?}, expected {expected:?}; plan {plan:?}; history {:#?}", view.instance.history));
+            }
+        }
+        let mut effects = Vec::new();
+        for step in 0..=PARTICIPANTS.len() as u32 {
+            effects.push(self.effect(id, step).await);
+        }
+        for (step, effect) in effects.iter().enumerate() {
+            if effect.applied > 1 || effect.compensated > 1 {
+                return Err(format!("saga {id} step {step} applied twice: {effect:?}"));
+            }
+            if effect.compensated > effect.applied {
+                return Err(format!("saga {id} step {step} compensated without being applied: {effect:?}"));
+            }
+        }
+        match state {
+            SagaState::Completed => {
+                if let Some(step) = effects.iter().position(|e| *e != Effect { applied: 1, compensated: 0, compensated_seq: 0 }) {
+                    return Err(format!("completed saga {id}: step {step} is {:?}", effects[step]));
+                }
+            }
+            SagaState::Compensated => {
+                if let Some(step) = effects.iter().position(|e| e.applied != e.compensated) {
+                    return Err(format!("compensated saga {id}: step {step} is {:?}", effects[step]));
+                }
+            }
+            SagaState::Failed => {
+                if !view.instance.error.as_deref().unwrap_or_default().contains("compensation") {
+                    return Err(format!("failed saga {id} does not say which compensation failed: {:?}", view.instance.error));
+                }
+            }
+            other => return Err(format!("saga {id} is not terminal: {other:?}")),
+        }
+        // Compensations ran in exact reverse order of the steps.
+        let mut order: Vec<(u64, usize)> = effects
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.compensated == 1)
+            .map(|(step, e)| (e.compensated_seq, step))
+            .collect();
+        order.sort_unstable();
+        let steps: Vec<usize> = order.iter().map(|(_, s)| *s).collect();
+        if steps.windows(2).any(|w| w[0] < w[1]) {
+            return Err(format!("saga {id} compensated out of reverse order: {steps:?}"));
+        }
+        Ok(())
+    }
+
+    /// No message was given up on: no dead letter in any outbox or dead-letter channel.
+    pub async fn check_nothing_lost(&self) -> Result<(), String> {
+        use saga::OutboxStore;
+        for store in self.stores() {
+            let stats = store.stats().await.unwrap();
+            if stats.pending != 0 || stats.dead != 0 {
+                return Err(format!("an outbox holds {} pending and {} dead messages", stats.pending, stats.dead));
+            }
+        }
+        let channels = PARTICIPANTS.iter().map(|p| format!("{p}.commands")).chain(["checkout.replies".to_owned()]);
+        for channel in channels {
+            let dead = self.transport.published(&format!("{channel}.dlq"));
+            if !dead.is_empty() {
+                return Err(format!("{} dead letters on {channel}: {:?}", dead.len(), dead.iter().map(|m| m.header(headers::DEAD_LETTER_ERROR)).collect::<Vec<_>>()));
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(worker) = self.orchestrator_worker.take() {
+            worker.shutdown().await;
+        }
+        for worker in self.participant_workers.drain(..) {
+            worker.shutdown().await;
+        }
+        for worker in self.relays.drain(..).flatten() {
+            worker.shutdown().await;
+        }
+    }
+}
