@@ -34,12 +34,14 @@ fn plan() -> impl Strategy<Value = Plan> {
         prop::collection::btree_map(0u32..=2, 0u32..=5, 0..=2),
         prop_oneof![5 => Just(None), 1 => (1u32..=3).prop_map(Some)],
     )
-        .prop_map(|(reject_at, transient, compensation_failures, slow_at)| Plan {
-            reject_at,
-            transient,
-            compensation_failures,
-            slow_at,
-        })
+        .prop_map(
+            |(reject_at, transient, compensation_failures, slow_at)| Plan {
+                reject_at,
+                transient,
+                compensation_failures,
+                slow_at,
+            },
+        )
 }
 
 #[derive(Clone, Debug)]
@@ -105,7 +107,13 @@ fn run(plans: &[Plan], chaos: &Chaos) -> Result<(), String> {
         let mut ids = Vec::new();
         for plan in plans {
             let data = CheckoutData { plan: plan.clone() };
-            ids.push(world.orchestrator.start_saga(SAGA, &data).await.map_err(|e| e.to_string())?);
+            ids.push(
+                world
+                    .orchestrator
+                    .start_saga(SAGA, &data)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
         }
         for (at, event) in &chaos.events {
             tokio::time::sleep_until(started + Duration::from_millis(*at)).await;
@@ -151,15 +159,42 @@ proptest! {
 fn each_plan_shape_ends_as_expected_without_faults() {
     let mut plans = vec![
         Plan::default(),
-        Plan { reject_at: Some(1), ..Plan::default() },
-        Plan { reject_at: Some(3), ..Plan::default() },
-        Plan { transient: [(2, 2)].into(), ..Plan::default() },
-        Plan { transient: [(2, 3)].into(), ..Plan::default() },
-        Plan { reject_at: Some(3), compensation_failures: [(1, 2), (0, 3)].into(), ..Plan::default() },
-        Plan { reject_at: Some(3), compensation_failures: [(1, 9)].into(), ..Plan::default() },
-        Plan { slow_at: Some(2), ..Plan::default() },
+        Plan {
+            reject_at: Some(1),
+            ..Plan::default()
+        },
+        Plan {
+            reject_at: Some(3),
+            ..Plan::default()
+        },
+        Plan {
+            transient: [(2, 2)].into(),
+            ..Plan::default()
+        },
+        Plan {
+            transient: [(2, 3)].into(),
+            ..Plan::default()
+        },
+        Plan {
+            reject_at: Some(3),
+            compensation_failures: [(1, 2), (0, 3)].into(),
+            ..Plan::default()
+        },
+        Plan {
+            reject_at: Some(3),
+            compensation_failures: [(1, 9)].into(),
+            ..Plan::default()
+        },
+        Plan {
+            slow_at: Some(2),
+            ..Plan::default()
+        },
     ];
-    let quiet = Chaos { faults: Faults::default(), seed: 1, events: Vec::new() };
+    let quiet = Chaos {
+        faults: Faults::default(),
+        seed: 1,
+        events: Vec::new(),
+    };
     for plan in plans.drain(..) {
         run(std::slice::from_ref(&plan), &quiet).unwrap_or_else(|e| panic!("{plan:?}: {e}"));
     }

@@ -35,7 +35,9 @@ use std::time::Duration;
 
 use saga_core::clock;
 use saga_core::store::{ClaimRequest, OutboxRecord};
-use saga_core::{Error, MessageId, OutboxEntry, OutboxStore, Result, RetryPolicy, Transport, Worker};
+use saga_core::{
+    Error, MessageId, OutboxEntry, OutboxStore, Result, RetryPolicy, Transport, Worker,
+};
 use tracing::Instrument;
 
 /// How a relay runs.
@@ -129,7 +131,9 @@ pub struct Relay<S: OutboxStore> {
 
 impl<S: OutboxStore> std::fmt::Debug for Relay<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Relay").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Relay")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -172,14 +176,20 @@ impl<S: OutboxStore> Relay<S> {
         while !lines.is_empty() {
             // One wave: the head of every key's line, published together.
             // Every line is non-empty here, so wave index = line index.
-            let wave: Vec<OutboxRecord> = lines.iter_mut().filter_map(VecDeque::pop_front).collect();
+            let wave: Vec<OutboxRecord> =
+                lines.iter_mut().filter_map(VecDeque::pop_front).collect();
             let entries: Vec<OutboxEntry> = wave.iter().map(|r| r.entry.clone()).collect();
             let results = self.transport.publish_batch(&entries).await;
-            let results = results.into_iter().map(Some).chain(std::iter::repeat_with(|| None));
+            let results = results
+                .into_iter()
+                .map(Some)
+                .chain(std::iter::repeat_with(|| None));
             let mut failed_lines = HashSet::new();
             for (index, (record, result)) in wave.iter().zip(results).enumerate() {
                 let result = result.unwrap_or_else(|| {
-                    Err(Error::Unavailable("the transport returned no result for this message".into()))
+                    Err(Error::Unavailable(
+                        "the transport returned no result for this message".into(),
+                    ))
                 });
                 match result {
                     Ok(()) => published.push(record.seq),
@@ -210,17 +220,26 @@ impl<S: OutboxStore> Relay<S> {
         Ok(report)
     }
 
-    async fn failed(&self, record: &OutboxRecord, error: &Error, report: &mut BatchReport) -> Result<()> {
+    async fn failed(
+        &self,
+        record: &OutboxRecord,
+        error: &Error,
+        report: &mut BatchReport,
+    ) -> Result<()> {
         let attempt = record.attempts + 1;
         let message = error.to_string();
         if error.is_retryable() && self.config.retry.allows_retry_after(attempt) {
             let retry_at = clock::now() + clock::to_chrono(self.config.retry.backoff(attempt));
             tracing::warn!(seq = record.seq, attempt, %error, "publish failed; will retry");
-            self.store.record_failure(record.seq, &message, retry_at).await?;
+            self.store
+                .record_failure(record.seq, &message, retry_at)
+                .await?;
             report.failed += 1;
         } else {
             tracing::error!(seq = record.seq, attempt, %error, "publish failed for good; dead-lettering");
-            self.store.dead_letter(record.seq, &message, clock::now()).await?;
+            self.store
+                .dead_letter(record.seq, &message, clock::now())
+                .await?;
             report.dead_lettered += 1;
         }
         Ok(())

@@ -19,8 +19,9 @@ use saga::memory::{MemoryStore, MemoryTransport, MemoryTx};
 use saga::outbox::{Relay, RelayConfig};
 use saga::wire::headers;
 use saga::{
-    CommandHandler, Message, Orchestrator, OrchestratorConfig, Participant, Reply, RetryPolicy, SagaDefinition,
-    SagaId, SagaState, SagaStep, StepConfig, StepContext, StepError, StepOutcome, Store, Transport, Worker,
+    CommandHandler, Message, Orchestrator, OrchestratorConfig, Participant, Reply, RetryPolicy,
+    SagaDefinition, SagaId, SagaState, SagaStep, StepConfig, StepContext, StepError, StepOutcome,
+    Store, Transport, Worker,
 };
 use serde::{Deserialize, Serialize};
 
@@ -67,8 +68,14 @@ impl Plan {
         let Some(failed) = self.first_failure() else {
             return Some(SagaState::Completed);
         };
-        let stuck = (0..failed).any(|s| self.compensation_failures.get(&s).copied().unwrap_or(0) >= COMPENSATION_ATTEMPTS);
-        Some(if stuck { SagaState::Failed } else { SagaState::Compensated })
+        let stuck = (0..failed).any(|s| {
+            self.compensation_failures.get(&s).copied().unwrap_or(0) >= COMPENSATION_ATTEMPTS
+        });
+        Some(if stuck {
+            SagaState::Failed
+        } else {
+            SagaState::Compensated
+        })
     }
 }
 
@@ -113,7 +120,13 @@ impl Counters {
     }
 }
 
-async fn apply(tx: &mut MemoryTx, counters: &Counters, saga: SagaId, step: u32, compensation: bool) -> Result<(), StepError> {
+async fn apply(
+    tx: &mut MemoryTx,
+    counters: &Counters,
+    saga: SagaId,
+    step: u32,
+    compensation: bool,
+) -> Result<(), StepError> {
     let key = effect_key(saga, step);
     let mut effect: Effect = tx.get(EFFECTS, &key)?.unwrap_or_default();
     if compensation {
@@ -127,7 +140,9 @@ async fn apply(tx: &mut MemoryTx, counters: &Counters, saga: SagaId, step: u32, 
 }
 
 fn plan_of(command: &Message) -> Result<(SagaId, u32, Plan), StepError> {
-    let saga = command.saga_id.ok_or_else(|| StepError::rejected("no saga id"))?;
+    let saga = command
+        .saga_id
+        .ok_or_else(|| StepError::rejected("no saga id"))?;
     let step = command
         .header(headers::SAGA_STEP)
         .and_then(|s| s.parse().ok())
@@ -149,7 +164,10 @@ impl CommandHandler<MemoryTx> for PlannedHandler {
         let id = saga.to_string();
         if self.compensation {
             let planned = plan.compensation_failures.get(&step).copied().unwrap_or(0);
-            if self.counters.should_fail(&id, step, "compensation", planned) {
+            if self
+                .counters
+                .should_fail(&id, step, "compensation", planned)
+            {
                 return Err(StepError::retryable("compensation failed (planned)"));
             }
         } else {
@@ -180,14 +198,30 @@ impl SagaStep<CheckoutData, MemoryTx> for Record {
         "record"
     }
 
-    async fn execute(&self, ctx: &mut StepContext<'_, MemoryTx>, _: &mut CheckoutData) -> Result<StepOutcome, StepError> {
+    async fn execute(
+        &self,
+        ctx: &mut StepContext<'_, MemoryTx>,
+        _: &mut CheckoutData,
+    ) -> Result<StepOutcome, StepError> {
         apply(ctx.tx, &self.counters, ctx.saga_id, 0, false).await?;
         Ok(StepOutcome::Done)
     }
 
-    async fn compensate(&self, ctx: &mut StepContext<'_, MemoryTx>, data: &mut CheckoutData) -> Result<StepOutcome, StepError> {
-        let planned = data.plan.compensation_failures.get(&0).copied().unwrap_or(0);
-        if self.counters.should_fail(&ctx.saga_id.to_string(), 0, "compensation", planned) {
+    async fn compensate(
+        &self,
+        ctx: &mut StepContext<'_, MemoryTx>,
+        data: &mut CheckoutData,
+    ) -> Result<StepOutcome, StepError> {
+        let planned = data
+            .plan
+            .compensation_failures
+            .get(&0)
+            .copied()
+            .unwrap_or(0);
+        if self
+            .counters
+            .should_fail(&ctx.saga_id.to_string(), 0, "compensation", planned)
+        {
             return Err(StepError::retryable("local compensation failed (planned)"));
         }
         apply(ctx.tx, &self.counters, ctx.saga_id, 0, true).await?;
@@ -206,43 +240,74 @@ impl SagaStep<CheckoutData, MemoryTx> for Remote {
         self.participant
     }
 
-    async fn execute(&self, _: &mut StepContext<'_, MemoryTx>, data: &mut CheckoutData) -> Result<StepOutcome, StepError> {
-        StepOutcome::send_json(format!("{}.commands", self.participant), format!("{}.do", self.participant), data)
+    async fn execute(
+        &self,
+        _: &mut StepContext<'_, MemoryTx>,
+        data: &mut CheckoutData,
+    ) -> Result<StepOutcome, StepError> {
+        StepOutcome::send_json(
+            format!("{}.commands", self.participant),
+            format!("{}.do", self.participant),
+            data,
+        )
     }
 
-    async fn compensate(&self, _: &mut StepContext<'_, MemoryTx>, data: &mut CheckoutData) -> Result<StepOutcome, StepError> {
-        StepOutcome::send_json(format!("{}.commands", self.participant), format!("{}.undo", self.participant), data)
+    async fn compensate(
+        &self,
+        _: &mut StepContext<'_, MemoryTx>,
+        data: &mut CheckoutData,
+    ) -> Result<StepOutcome, StepError> {
+        StepOutcome::send_json(
+            format!("{}.commands", self.participant),
+            format!("{}.undo", self.participant),
+            data,
+        )
     }
 }
 
 pub fn definition(counters: &Arc<Counters>) -> SagaDefinition<CheckoutData, MemoryTx> {
     let config = StepConfig::default()
-        .retry(RetryPolicy::attempts(ACTION_ATTEMPTS).with_backoff(Duration::from_millis(100), Duration::from_secs(1)))
+        .retry(
+            RetryPolicy::attempts(ACTION_ATTEMPTS)
+                .with_backoff(Duration::from_millis(100), Duration::from_secs(1)),
+        )
         .compensation_retry(
-            RetryPolicy::attempts(COMPENSATION_ATTEMPTS).with_backoff(Duration::from_millis(100), Duration::from_secs(1)),
+            RetryPolicy::attempts(COMPENSATION_ATTEMPTS)
+                .with_backoff(Duration::from_millis(100), Duration::from_secs(1)),
         )
         .deadline(DEADLINE);
     let mut definition = SagaDefinition::new(SAGA)
         .default_config(config)
-        .step(Record { counters: Arc::clone(counters) });
+        .step(Record {
+            counters: Arc::clone(counters),
+        });
     for participant in PARTICIPANTS {
         definition = definition.step(Remote { participant });
     }
     definition
 }
 
-pub fn orchestrator<S: Store<Tx = MemoryTx> + Clone>(store: S, transport: Arc<dyn Transport>, counters: &Arc<Counters>) -> Orchestrator<S> {
+pub fn orchestrator<S: Store<Tx = MemoryTx> + Clone>(
+    store: S,
+    transport: Arc<dyn Transport>,
+    counters: &Arc<Counters>,
+) -> Orchestrator<S> {
     let config = OrchestratorConfig::new("checkout")
         .poll_interval(Duration::from_millis(100))
         .lease(Duration::from_secs(3));
-    Orchestrator::builder(store, transport, config).saga(definition(counters)).build()
+    Orchestrator::builder(store, transport, config)
+        .saga(definition(counters))
+        .build()
 }
 
 pub fn relay_config() -> RelayConfig {
     RelayConfig::default()
         .poll_interval(Duration::from_millis(50))
         .lease(Duration::from_secs(3))
-        .retry(RetryPolicy::attempts(1000).with_backoff(Duration::from_millis(20), Duration::from_millis(500)))
+        .retry(
+            RetryPolicy::attempts(1000)
+                .with_backoff(Duration::from_millis(20), Duration::from_millis(500)),
+        )
 }
 
 /// Every service of the world, with its own store.
@@ -258,7 +323,15 @@ pub struct World {
 }
 
 impl World {
+    /// Every service running.
     pub async fn start(transport: MemoryTransport) -> Self {
+        let mut world = Self::start_without_orchestrator(transport).await;
+        world.orchestrator_worker = Some(world.orchestrator.spawn().await.unwrap());
+        world
+    }
+
+    /// Participants and relays running; the orchestrator built but not running.
+    pub async fn start_without_orchestrator(transport: MemoryTransport) -> Self {
         let counters = Arc::new(Counters::default());
         let shared: Arc<dyn Transport> = Arc::new(transport.clone());
         let orchestrator_store = MemoryStore::new();
@@ -267,9 +340,26 @@ impl World {
         let mut participant_workers = Vec::new();
         for name in PARTICIPANTS {
             let store = MemoryStore::new();
-            let participant = Participant::new(name, format!("{name}.commands"), store.clone(), Arc::clone(&shared))
-                .on(format!("{name}.do"), PlannedHandler { counters: Arc::clone(&counters), compensation: false })
-                .on(format!("{name}.undo"), PlannedHandler { counters: Arc::clone(&counters), compensation: true });
+            let participant = Participant::new(
+                name,
+                format!("{name}.commands"),
+                store.clone(),
+                Arc::clone(&shared),
+            )
+            .on(
+                format!("{name}.do"),
+                PlannedHandler {
+                    counters: Arc::clone(&counters),
+                    compensation: false,
+                },
+            )
+            .on(
+                format!("{name}.undo"),
+                PlannedHandler {
+                    counters: Arc::clone(&counters),
+                    compensation: true,
+                },
+            );
             participant_workers.push(participant.spawn().await.unwrap());
             participant_stores.push(store);
         }
@@ -283,7 +373,6 @@ impl World {
             participant_workers,
             relays: Vec::new(),
         };
-        world.orchestrator_worker = Some(world.orchestrator.spawn().await.unwrap());
         for index in 0..=PARTICIPANTS.len() {
             let relay = world.relay(index);
             world.relays.push(Some(relay));
@@ -292,7 +381,9 @@ impl World {
     }
 
     pub fn stores(&self) -> Vec<MemoryStore> {
-        std::iter::once(self.orchestrator_store.clone()).chain(self.participant_stores.iter().cloned()).collect()
+        std::iter::once(self.orchestrator_store.clone())
+            .chain(self.participant_stores.iter().cloned())
+            .collect()
     }
 
     fn relay(&self, index: usize) -> Worker {
@@ -319,7 +410,13 @@ impl World {
     }
 
     pub async fn state(&self, id: SagaId) -> SagaState {
-        self.orchestrator.saga(id).await.unwrap().expect("saga exists").instance.state
+        self.orchestrator
+            .saga(id)
+            .await
+            .unwrap()
+            .expect("saga exists")
+            .instance
+            .state
     }
 
     /// Waits (in tokio time) until every saga ended; panics after `limit`.
@@ -336,7 +433,10 @@ impl World {
             if open.is_empty() {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "sagas still open after {limit:?}: {open:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "sagas still open after {limit:?}: {open:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -344,18 +444,30 @@ impl World {
     /// Waits until every outbox is empty and no delivery is in flight anywhere.
     pub async fn wait_quiet(&self) {
         for store in self.stores() {
-            saga::outbox::wait_until_delivered(&store, Duration::from_secs(600)).await.expect("outbox drains");
+            saga::outbox::wait_until_delivered(&store, Duration::from_secs(600))
+                .await
+                .expect("outbox drains");
         }
         tokio::time::sleep(Duration::from_secs(10)).await;
         for store in self.stores() {
-            saga::outbox::wait_until_delivered(&store, Duration::from_secs(600)).await.expect("outbox drains");
+            saga::outbox::wait_until_delivered(&store, Duration::from_secs(600))
+                .await
+                .expect("outbox drains");
         }
     }
 
     /// The effect every service recorded for step `step` of saga `id`.
     pub async fn effect(&self, id: SagaId, step: u32) -> Effect {
-        let store = if step == 0 { &self.orchestrator_store } else { &self.participant_stores[step as usize - 1] };
-        store.get(EFFECTS, &effect_key(id, step)).await.unwrap().unwrap_or_default()
+        let store = if step == 0 {
+            &self.orchestrator_store
+        } else {
+            &self.participant_stores[step as usize - 1]
+        };
+        store
+            .row(EFFECTS, &effect_key(id, step))
+            .await
+            .unwrap()
+            .unwrap_or_default()
     }
 
     /// Checks what the databases hold for one terminal saga, against its
@@ -365,7 +477,10 @@ impl World {
         let state = view.instance.state;
         if let Some(expected) = plan.expected().filter(|_| exact) {
             if state != expected {
-                return Err(format!("saga {id} ended {state:?}, expected {expected:?}; plan {plan:?}; history {:#?}", view.instance.history));
+                return Err(format!(
+                    "saga {id} ended {state:?}, expected {expected:?}; plan {plan:?}; history {:#?}",
+                    view.instance.history
+                ));
             }
         }
         let mut effects = Vec::new();
@@ -377,23 +492,46 @@ impl World {
                 return Err(format!("saga {id} step {step} applied twice: {effect:?}"));
             }
             if effect.compensated > effect.applied {
-                return Err(format!("saga {id} step {step} compensated without being applied: {effect:?}"));
+                return Err(format!(
+                    "saga {id} step {step} compensated without being applied: {effect:?}"
+                ));
             }
         }
         match state {
             SagaState::Completed => {
-                if let Some(step) = effects.iter().position(|e| *e != Effect { applied: 1, compensated: 0, compensated_seq: 0 }) {
-                    return Err(format!("completed saga {id}: step {step} is {:?}", effects[step]));
+                if let Some(step) = effects.iter().position(|e| {
+                    *e != Effect {
+                        applied: 1,
+                        compensated: 0,
+                        compensated_seq: 0,
+                    }
+                }) {
+                    return Err(format!(
+                        "completed saga {id}: step {step} is {:?}",
+                        effects[step]
+                    ));
                 }
             }
             SagaState::Compensated => {
                 if let Some(step) = effects.iter().position(|e| e.applied != e.compensated) {
-                    return Err(format!("compensated saga {id}: step {step} is {:?}", effects[step]));
+                    return Err(format!(
+                        "compensated saga {id}: step {step} is {:?}",
+                        effects[step]
+                    ));
                 }
             }
             SagaState::Failed => {
-                if !view.instance.error.as_deref().unwrap_or_default().contains("compensation") {
-                    return Err(format!("failed saga {id} does not say which compensation failed: {:?}", view.instance.error));
+                if !view
+                    .instance
+                    .error
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("compensation")
+                {
+                    return Err(format!(
+                        "failed saga {id} does not say which compensation failed: {:?}",
+                        view.instance.error
+                    ));
                 }
             }
             other => return Err(format!("saga {id} is not terminal: {other:?}")),
@@ -408,7 +546,9 @@ impl World {
         order.sort_unstable();
         let steps: Vec<usize> = order.iter().map(|(_, s)| *s).collect();
         if steps.windows(2).any(|w| w[0] < w[1]) {
-            return Err(format!("saga {id} compensated out of reverse order: {steps:?}"));
+            return Err(format!(
+                "saga {id} compensated out of reverse order: {steps:?}"
+            ));
         }
         Ok(())
     }
@@ -419,14 +559,26 @@ impl World {
         for store in self.stores() {
             let stats = store.stats().await.unwrap();
             if stats.pending != 0 || stats.dead != 0 {
-                return Err(format!("an outbox holds {} pending and {} dead messages", stats.pending, stats.dead));
+                return Err(format!(
+                    "an outbox holds {} pending and {} dead messages",
+                    stats.pending, stats.dead
+                ));
             }
         }
-        let channels = PARTICIPANTS.iter().map(|p| format!("{p}.commands")).chain(["checkout.replies".to_owned()]);
+        let channels = PARTICIPANTS
+            .iter()
+            .map(|p| format!("{p}.commands"))
+            .chain(["checkout.replies".to_owned()]);
         for channel in channels {
             let dead = self.transport.published(&format!("{channel}.dlq"));
             if !dead.is_empty() {
-                return Err(format!("{} dead letters on {channel}: {:?}", dead.len(), dead.iter().map(|m| m.header(headers::DEAD_LETTER_ERROR)).collect::<Vec<_>>()));
+                return Err(format!(
+                    "{} dead letters on {channel}: {:?}",
+                    dead.len(),
+                    dead.iter()
+                        .map(|m| m.header(headers::DEAD_LETTER_ERROR))
+                        .collect::<Vec<_>>()
+                ));
             }
         }
         Ok(())

@@ -4,7 +4,7 @@
 //! transactions are serializable; every write it makes is recorded with its
 //! undo, and a transaction dropped without commit undoes them all. Besides the
 //! engine's tables it keeps JSON business rows ([`MemoryTx::put`],
-//! [`MemoryTx::get`]), so a service's own state commits or rolls back with its
+//! [`MemoryTx::get`], [`MemoryStore::row`]), so a service's own state commits or rolls back with its
 //! inbox and outbox rows, as it would in SQL.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -136,7 +136,7 @@ impl MemoryStore {
     }
 
     /// Reads a committed business row of `table` as `T`.
-    pub async fn get<T: DeserializeOwned>(&self, table: &str, key: &str) -> Result<Option<T>> {
+    pub async fn row<T: DeserializeOwned>(&self, table: &str, key: &str) -> Result<Option<T>> {
         let state = self.state.lock().await;
         state
             .rows
