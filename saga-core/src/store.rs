@@ -133,6 +133,8 @@ pub trait OutboxStore: Transactional {
 }
 
 /// The answer of [`IdempotencyStore::begin_processing`].
+// Returned once per message; boxing the reply would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Begin {
     /// First time: process it. The record is part of the caller's transaction.
@@ -173,6 +175,8 @@ impl StepMark {
 }
 
 /// The answer of [`IdempotencyStore::claim_step`].
+// Returned once per command; boxing the reply would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum StepClaim {
     /// There was no mark; the requested one is now written (in the caller's transaction).

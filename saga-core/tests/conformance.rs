@@ -2,10 +2,13 @@
 
 use saga_core::memory::{MemoryStore, MemoryTransport};
 
+// Setup is async because real backends connect; these have nothing to wait for.
+#[allow(clippy::unused_async)]
 async fn store() -> Option<MemoryStore> {
     Some(MemoryStore::new())
 }
 
+#[allow(clippy::unused_async)]
 async fn transport() -> Option<MemoryTransport> {
     Some(MemoryTransport::default())
 }

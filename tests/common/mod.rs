@@ -7,6 +7,7 @@
 //! Every effect and compensation is counted in the service's own transaction,
 //! so the counts are what a database would hold.
 
+// Each test file uses part of this module.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -107,6 +108,14 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Planned failures of `what` for this step stop (an operator fixed the cause).
+    pub fn heal(&self, saga: SagaId, step: u32, what: &'static str) {
+        self.failures
+            .lock()
+            .unwrap()
+            .insert((saga.to_string(), step, what), u32::MAX);
+    }
+
     /// Counts one more failure of `what`; returns whether it should still fail.
     fn should_fail(&self, saga: &str, step: u32, what: &'static str, planned: u32) -> bool {
         let mut failures = self.failures.lock().unwrap();
@@ -120,7 +129,7 @@ impl Counters {
     }
 }
 
-async fn apply(
+fn apply(
     tx: &mut MemoryTx,
     counters: &Counters,
     saga: SagaId,
@@ -182,7 +191,7 @@ impl CommandHandler<MemoryTx> for PlannedHandler {
                 tokio::time::sleep(DEADLINE + Duration::from_secs(1)).await;
             }
         }
-        apply(tx, &self.counters, saga, step, self.compensation).await?;
+        apply(tx, &self.counters, saga, step, self.compensation)?;
         Ok(Reply::empty(format!("{}.ok", command.message_type)))
     }
 }
@@ -203,7 +212,7 @@ impl SagaStep<CheckoutData, MemoryTx> for Record {
         ctx: &mut StepContext<'_, MemoryTx>,
         _: &mut CheckoutData,
     ) -> Result<StepOutcome, StepError> {
-        apply(ctx.tx, &self.counters, ctx.saga_id, 0, false).await?;
+        apply(ctx.tx, &self.counters, ctx.saga_id, 0, false)?;
         Ok(StepOutcome::Done)
     }
 
@@ -224,7 +233,7 @@ impl SagaStep<CheckoutData, MemoryTx> for Record {
         {
             return Err(StepError::retryable("local compensation failed (planned)"));
         }
-        apply(ctx.tx, &self.counters, ctx.saga_id, 0, true).await?;
+        apply(ctx.tx, &self.counters, ctx.saga_id, 0, true)?;
         Ok(StepOutcome::Done)
     }
 }

@@ -28,13 +28,16 @@ use crate::store::{
     SagaFilter, SagaStore, StepClaim, StepMark, Transactional,
 };
 
+/// A step mark, the reply stored with it, and when it was written.
+type MarkRow = (StepMark, Option<OutboxEntry>, DateTime<Utc>);
+
 #[derive(Default)]
 struct State {
     next_seq: i64,
     outbox: BTreeMap<i64, OutboxRow>,
     dead: BTreeMap<i64, DeadLetter>,
     inbox: HashMap<(String, MessageId), (Option<OutboxEntry>, DateTime<Utc>)>,
-    marks: HashMap<(String, SagaId, u32), (StepMark, Option<OutboxEntry>, DateTime<Utc>)>,
+    marks: HashMap<(String, SagaId, u32), MarkRow>,
     sagas: HashMap<SagaId, SagaInstance>,
     log: Vec<SagaLogEntry>,
     rows: HashMap<(String, String), serde_json::Value>,

@@ -35,6 +35,8 @@ pub struct StepContext<'a, Tx> {
 }
 
 /// What a step's action or compensation did.
+// Returned once per step run; boxing the command would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum StepOutcome {
     /// Finished here (a local step, or one that needs no compensation).
@@ -161,7 +163,7 @@ impl<D: SagaData, Tx: Send + 'static> fmt::Debug for SagaDefinition<D, Tx> {
                 "steps",
                 &self.steps.iter().map(|(s, _)| s.name()).collect::<Vec<_>>(),
             )
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 

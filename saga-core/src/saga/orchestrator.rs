@@ -1,14 +1,4 @@
-//! The orchestrator: starts sagas, advances them on replies and timers,
-//! compensates, and recovers sagas left by a stopped instance.
-//!
-//! Every transition is one transaction on the orchestrator's store: inbox
-//! record of the reply that caused it, the saga's new state (optimistic version
-//! check) and the next command in the outbox. A local step runs in a
-//! transaction of its own, so its failure rolls back its writes and nothing
-//! else. A saga that must be looked at again (now, at a retry time or at a
-//! deadline) carries `wake_at`; every orchestrator instance polls for due
-//! sagas and leases them, so an instance that crashed mid-way leaves nothing
-//! behind that another instance does not pick up.
+//! The orchestrator.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -143,7 +133,17 @@ impl<S: Store + Clone> OrchestratorBuilder<S> {
     }
 }
 
-/// Runs sagas: see the [module documentation](self).
+/// The orchestrator: starts sagas, advances them on replies and timers,
+/// compensates, and recovers sagas left by a stopped instance.
+///
+/// Every transition is one transaction on the orchestrator's store: inbox
+/// record of the reply that caused it, the saga's new state (optimistic version
+/// check) and the next command in the outbox. A local step runs in a
+/// transaction of its own, so its failure rolls back its writes and nothing
+/// else. A saga that must be looked at again (now, at a retry time or at a
+/// deadline) carries `wake_at`; every orchestrator instance polls for due
+/// sagas and leases them, so an instance that crashed mid-way leaves nothing
+/// behind that another instance does not pick up.
 pub struct Orchestrator<S: Store> {
     inner: Arc<Inner<S>>,
 }

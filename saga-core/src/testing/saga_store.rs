@@ -273,7 +273,7 @@ pub async fn log_keeps_order_per_correlation<S: SagaStore>(store: S) {
     }
     let mut tx = store.begin().await.unwrap();
     let mut other = entry("x", LogStatus::Handled);
-    other.correlation_id = "someone-else".to_owned();
+    "someone-else".clone_into(&mut other.correlation_id);
     store.append_log(&mut tx, &other).await.unwrap();
     drop(tx);
     assert_eq!(store.log(&corr).await.unwrap(), entries);

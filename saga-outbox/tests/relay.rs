@@ -1,0 +1,305 @@
+//! The relay on the in-memory store and transport, with a transport that
+//! fails, rejects or hangs on chosen messages.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use saga_core::memory::{MemoryStore, MemoryTransport};
+use saga_core::transport::{Capabilities, Subscription};
+use saga_core::{
+    Error, Message, OutboxEntry, OutboxStore, Result, RetryPolicy, Transactional, Transport,
+};
+use saga_outbox::{Relay, RelayConfig, wait_until_delivered};
+
+const CHANNEL: &str = "events";
+
+#[derive(Clone, Copy)]
+enum Rule {
+    /// Fail this many publishes, retryably.
+    Fail(u32),
+    /// Reject every publish as permanently invalid.
+    Reject,
+    /// Never answer the first publish.
+    Hang,
+}
+
+/// A transport that misbehaves for chosen payloads.
+#[derive(Clone, Default)]
+struct Flaky {
+    inner: MemoryTransport,
+    rules: Arc<Mutex<HashMap<String, Rule>>>,
+}
+
+impl Flaky {
+    fn rule(&self, label: &str, rule: Rule) {
+        self.rules.lock().unwrap().insert(label.to_owned(), rule);
+    }
+
+    fn clear(&self) {
+        self.rules.lock().unwrap().clear();
+    }
+
+    fn labels(&self) -> Vec<String> {
+        self.inner.published(CHANNEL).iter().map(label).collect()
+    }
+}
+
+fn label(message: &Message) -> String {
+    String::from_utf8_lossy(&message.payload).into_owned()
+}
+
+#[async_trait]
+impl Transport for Flaky {
+    async fn publish(&self, channel: &str, message: &Message) -> Result<()> {
+        let key = label(message);
+        let rule = self.rules.lock().unwrap().get(&key).copied();
+        match rule {
+            Some(Rule::Fail(n)) if n > 0 => {
+                self.rule(&key, Rule::Fail(n - 1));
+                return Err(Error::Unavailable(format!("broker refused {key} for now")));
+            }
+            Some(Rule::Reject) => {
+                return Err(Error::InvalidMessage(format!(
+                    "{key} is too large for the broker"
+                )));
+            }
+            Some(Rule::Hang) => {
+                self.rules.lock().unwrap().remove(&key);
+                std::future::pending::<()>().await;
+            }
+            _ => {}
+        }
+        self.inner.publish(channel, message).await
+    }
+
+    async fn subscribe(&self, group: &str, channels: &[String]) -> Result<Box<dyn Subscription>> {
+        self.inner.subscribe(group, channels).await
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+fn config() -> RelayConfig {
+    RelayConfig::default()
+        .batch_size(7)
+        .poll_interval(Duration::from_millis(50))
+        .lease(Duration::from_secs(5))
+        .retry(
+            RetryPolicy::attempts(5)
+                .with_backoff(Duration::from_millis(100), Duration::from_secs(1)),
+        )
+}
+
+/// Enqueues `per_key` messages for each key, interleaved, labelled `key:index`.
+async fn fill(store: &MemoryStore, keys: &[&str], per_key: usize) {
+    let mut tx = store.begin().await.unwrap();
+    let mut entries = Vec::new();
+    for index in 0..per_key {
+        for key in keys {
+            let message =
+                Message::new("test", format!("{key}:{index}").into_bytes()).with_ordering_key(*key);
+            entries.push(OutboxEntry::new(CHANNEL, message));
+        }
+    }
+    store.enqueue(&mut tx, &entries).await.unwrap();
+    store.commit(tx).await.unwrap();
+}
+
+/// Per key, the indexes in the order they were first published.
+fn order_by_key(labels: &[String]) -> BTreeMap<String, Vec<usize>> {
+    let mut seen = HashSet::new();
+    let mut by_key: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for l in labels {
+        if seen.insert(l.clone()) {
+            let (key, index) = l.split_once(':').unwrap();
+            by_key
+                .entry(key.to_owned())
+                .or_default()
+                .push(index.parse().unwrap());
+        }
+    }
+    by_key
+}
+
+fn assert_complete_and_ordered(labels: &[String], keys: &[&str], per_key: usize) {
+    let by_key = order_by_key(labels);
+    for key in keys {
+        assert_eq!(
+            by_key.get(*key),
+            Some(&(0..per_key).collect()),
+            "key {key}: {labels:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn drains_everything_in_key_order() {
+    let store = MemoryStore::new();
+    let transport = Flaky::default();
+    fill(&store, &["a", "b", "c"], 30).await;
+    let relay = Relay::new(store.clone(), Arc::new(transport.clone()), config()).spawn();
+    wait_until_delivered(&store, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let labels = transport.labels();
+    assert_eq!(labels.len(), 90, "each message published once");
+    assert_complete_and_ordered(&labels, &["a", "b", "c"], 30);
+    relay.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_message_holds_back_its_key_only() {
+    let store = MemoryStore::new();
+    let transport = Flaky::default();
+    transport.rule("slow:0", Rule::Fail(3));
+    fill(&store, &["slow", "fast"], 5).await;
+    let relay = Relay::new(store.clone(), Arc::new(transport.clone()), config());
+    let first = relay.run_once().await.unwrap();
+    assert_eq!(first.failed, 1);
+    assert!(
+        first.released >= 1,
+        "the rest of the failed key is held back: {first:?}"
+    );
+    let labels = transport.labels();
+    assert!(!labels.iter().any(|l| l.starts_with("slow")), "{labels:?}");
+    assert!(
+        labels.iter().any(|l| l.starts_with("fast")),
+        "other keys flow meanwhile: {labels:?}"
+    );
+    let worker = relay.spawn();
+    wait_until_delivered(&store, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let labels = transport.labels();
+    assert_eq!(labels.len(), 10);
+    assert_complete_and_ordered(&labels, &["slow", "fast"], 5);
+    worker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poison_message_is_dead_lettered_and_the_rest_flow() {
+    let store = MemoryStore::new();
+    let transport = Flaky::default();
+    transport.rule("k:1", Rule::Reject);
+    fill(&store, &["k"], 4).await;
+    let relay = Relay::new(store.clone(), Arc::new(transport.clone()), config()).spawn();
+    wait_until_delivered(&store, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(transport.labels(), ["k:0", "k:2", "k:3"]);
+    let dead = store.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(label(&dead[0].record.entry.message), "k:1");
+    assert!(dead[0].error.contains("too large"), "{}", dead[0].error);
+    assert_eq!(
+        dead[0].record.attempts, 1,
+        "a permanent error is not retried"
+    );
+
+    transport.clear();
+    assert!(store.requeue_dead_letter(dead[0].record.seq).await.unwrap());
+    wait_until_delivered(&store, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(transport.labels().last().map(String::as_str), Some("k:1"));
+    relay.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_retries_dead_letter_with_the_last_error() {
+    let store = MemoryStore::new();
+    let transport = Flaky::default();
+    transport.rule("k:0", Rule::Fail(u32::MAX));
+    fill(&store, &["k"], 2).await;
+    let relay = Relay::new(store.clone(), Arc::new(transport.clone()), config()).spawn();
+    wait_until_delivered(&store, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dead = store.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].record.attempts, 5,
+        "every attempt of the policy was made"
+    );
+    assert!(
+        dead[0].error.contains("broker refused k:0"),
+        "{}",
+        dead[0].error
+    );
+    assert_eq!(
+        transport.labels(),
+        ["k:1"],
+        "the key moves on once its head is dead-lettered"
+    );
+    relay.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_relays_publish_each_message_exactly_once() {
+    let store = MemoryStore::new();
+    let transport = Flaky::default();
+    let keys: Vec<String> = (0..40).map(|k| format!("k{k}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    fill(&store, &keys, 10).await;
+    let a = Relay::new(
+        store.clone(),
+        Arc::new(transport.clone()),
+        config().owner("a"),
+    )
+    .spawn();
+    let b = Relay::new(
+        store.clone(),
+        Arc::new(transport.clone()),
+        config().owner("b"),
+    )
+    .spawn();
+    wait_until_delivered(&store, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let labels = transport.labels();
+    assert_eq!(
+        labels.len(),
+        400,
+        "no message published twice while both relays live"
+    );
+    assert_eq!(labels.iter().collect::<HashSet<_>>().len(), 400);
+    assert_complete_and_ordered(&labels, &keys, 10);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_relay_killed_mid_batch_loses_nothing() {
+    let store = MemoryStore::new();
+    let transport = Flaky::default();
+    transport.rule("a:3", Rule::Hang);
+    fill(&store, &["a", "b"], 20).await;
+    let doomed = Relay::new(
+        store.clone(),
+        Arc::new(transport.clone()),
+        config().owner("doomed"),
+    )
+    .spawn();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        store.stats().await.unwrap().pending > 0,
+        "the doomed relay is stuck with a claimed batch"
+    );
+    doomed.abort().await;
+    let survivor = Relay::new(
+        store.clone(),
+        Arc::new(transport.clone()),
+        config().owner("survivor"),
+    )
+    .spawn();
+    wait_until_delivered(&store, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let labels = transport.labels();
+    assert_complete_and_ordered(&labels, &["a", "b"], 20);
+    survivor.shutdown().await;
+}
