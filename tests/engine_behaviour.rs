@@ -202,6 +202,59 @@ async fn a_reply_without_saga_headers_is_dead_lettered_with_the_reason() {
     world.shutdown().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn two_live_orchestrators_share_the_work_and_never_advance_a_saga_twice() {
+    let transport = MemoryTransport::new(MemoryTransportConfig {
+        faults: Faults {
+            duplicate: 0.3,
+            reorder: true,
+            ..Faults::default()
+        },
+        ..MemoryTransportConfig::default()
+    });
+    let mut world = World::start(transport).await;
+    world.add_orchestrator().await;
+    let plans: Vec<Plan> = (0..30u32)
+        .map(|i| match i % 5 {
+            0 => Plan::default(),
+            1 => Plan {
+                reject_at: Some(1 + i % 3),
+                ..Plan::default()
+            },
+            2 => Plan {
+                transient: [(1 + i % 3, 2)].into(),
+                ..Plan::default()
+            },
+            3 => Plan {
+                reject_at: Some(3),
+                compensation_failures: [(1, 2)].into(),
+                ..Plan::default()
+            },
+            _ => Plan {
+                transient: [(2, 3)].into(),
+                ..Plan::default()
+            },
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for plan in &plans {
+        ids.push(
+            world
+                .orchestrator
+                .start_saga(SAGA, &CheckoutData { plan: plan.clone() })
+                .await
+                .unwrap(),
+        );
+    }
+    world.wait_terminal(&ids, Duration::from_secs(3600)).await;
+    world.wait_quiet().await;
+    for (id, plan) in ids.iter().zip(&plans) {
+        world.check_saga(*id, plan, true).await.unwrap();
+    }
+    world.check_nothing_lost().await.unwrap();
+    world.shutdown().await;
+}
+
 struct CountingHandler;
 
 #[async_trait]

@@ -135,6 +135,18 @@ struct Inner<S: Store> {
     handlers: HashMap<String, Arc<dyn EventHandler<S::Tx>>>,
 }
 
+impl<S: Store + Clone> Clone for Inner<S> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            channels: self.channels.clone(),
+            store: self.store.clone(),
+            transport: Arc::clone(&self.transport),
+            handlers: self.handlers.clone(),
+        }
+    }
+}
+
 impl<S: Store + Clone> EventConsumer<S> {
     /// A consumer named `name` (consumer group, inbox name, log author) on `channels`.
     pub fn new(
@@ -154,12 +166,13 @@ impl<S: Store + Clone> EventConsumer<S> {
         }
     }
 
-    /// Registers the handler of `event_type` (before [`spawn`](Self::spawn)).
-    /// Events of other types are acknowledged and skipped.
+    /// Registers the handler of `event_type`; events of other types are
+    /// acknowledged and skipped. Register every handler before
+    /// [`spawn`](Self::spawn): a clone made earlier, or a running worker,
+    /// keeps the handlers it had.
     #[must_use]
     pub fn on(mut self, event_type: impl Into<String>, handler: impl EventHandler<S::Tx>) -> Self {
-        Arc::get_mut(&mut self.inner)
-            .expect("handlers are registered before the consumer is cloned or spawned")
+        Arc::make_mut(&mut self.inner)
             .handlers
             .insert(event_type.into(), Arc::new(handler));
         self

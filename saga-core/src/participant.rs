@@ -71,6 +71,18 @@ struct Inner<S: Transactional> {
     handlers: HashMap<String, Arc<dyn CommandHandler<S::Tx>>>,
 }
 
+impl<S: Transactional + Clone> Clone for Inner<S> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            channel: self.channel.clone(),
+            store: self.store.clone(),
+            transport: Arc::clone(&self.transport),
+            handlers: self.handlers.clone(),
+        }
+    }
+}
+
 /// The step a command belongs to, from its headers.
 struct StepRef {
     saga_id: crate::SagaId,
@@ -98,15 +110,16 @@ impl<S: OutboxStore + IdempotencyStore + Clone> Participant<S> {
         }
     }
 
-    /// Registers the handler of `command_type` (before [`spawn`](Self::spawn)).
+    /// Registers the handler of `command_type`. Register every handler before
+    /// [`spawn`](Self::spawn): a clone made earlier, or a running worker,
+    /// keeps the handlers it had.
     #[must_use]
     pub fn on(
         mut self,
         command_type: impl Into<String>,
         handler: impl CommandHandler<S::Tx>,
     ) -> Self {
-        Arc::get_mut(&mut self.inner)
-            .expect("handlers are registered before the participant is cloned or spawned")
+        Arc::make_mut(&mut self.inner)
             .handlers
             .insert(command_type.into(), Arc::new(handler));
         self

@@ -327,6 +327,8 @@ pub struct World {
     pub participant_stores: Vec<MemoryStore>,
     pub orchestrator: Orchestrator<MemoryStore>,
     pub orchestrator_worker: Option<Worker>,
+    /// More orchestrator instances on the same store, running at the same time.
+    pub extra_orchestrators: Vec<Worker>,
     pub participant_workers: Vec<Worker>,
     pub relays: Vec<Option<Worker>>,
 }
@@ -378,6 +380,7 @@ impl World {
             orchestrator_store,
             participant_stores,
             orchestrator_worker: None,
+            extra_orchestrators: Vec::new(),
             orchestrator,
             participant_workers,
             relays: Vec::new(),
@@ -408,6 +411,13 @@ impl World {
         let shared: Arc<dyn Transport> = Arc::new(self.transport.clone());
         self.orchestrator = orchestrator(self.orchestrator_store.clone(), shared, &self.counters);
         self.orchestrator_worker = Some(self.orchestrator.spawn().await.unwrap());
+    }
+
+    /// Starts one more orchestrator instance on the same store and reply group.
+    pub async fn add_orchestrator(&mut self) {
+        let shared: Arc<dyn Transport> = Arc::new(self.transport.clone());
+        let extra = orchestrator(self.orchestrator_store.clone(), shared, &self.counters);
+        self.extra_orchestrators.push(extra.spawn().await.unwrap());
     }
 
     /// Kills one relay mid-whatever and starts another on the same store.
@@ -595,6 +605,9 @@ impl World {
 
     pub async fn shutdown(mut self) {
         if let Some(worker) = self.orchestrator_worker.take() {
+            worker.shutdown().await;
+        }
+        for worker in self.extra_orchestrators.drain(..) {
             worker.shutdown().await;
         }
         for worker in self.participant_workers.drain(..) {
