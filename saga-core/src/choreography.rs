@@ -18,7 +18,7 @@ use crate::clock;
 use crate::error::{Error, Result, StepError};
 use crate::message::{Message, OutboxEntry};
 use crate::saga::{LogStatus, SagaLogEntry};
-use crate::store::{Begin, Store};
+use crate::store::{Inbox, Store, open_inbox};
 use crate::transport::Transport;
 use crate::worker::{self, Worker};
 
@@ -180,17 +180,18 @@ impl<S: Store + Clone> EventConsumer<S> {
 
     /// Consumes events in the background.
     pub async fn spawn(&self) -> Result<Worker> {
-        let subscription = self
-            .inner
-            .transport
-            .subscribe(&self.inner.name, &self.inner.channels)
-            .await?;
-        let (mut worker, signal) = Worker::new();
         let this = self.clone();
-        worker.spawn(worker::consume(subscription, signal, move |event| {
-            let this = this.clone();
-            async move { this.handle(&event).await }
-        }));
+        let inner = &self.inner;
+        let (worker, _) = worker::spawn_consumer(
+            &*inner.transport,
+            &inner.name,
+            &inner.channels,
+            move |event| {
+                let this = this.clone();
+                async move { this.handle(&event).await }
+            },
+        )
+        .await?;
         Ok(worker)
     }
 
@@ -201,15 +202,9 @@ impl<S: Store + Clone> EventConsumer<S> {
             tracing::debug!(event = %event.id, r#type = %event.message_type, "no handler; skipping");
             return Ok(());
         };
-        let now = clock::now();
-        let mut tx = inner.store.begin().await?;
-        if let Begin::Duplicate { .. } = inner
-            .store
-            .begin_processing(&mut tx, &inner.name, event.id, now)
-            .await?
-        {
+        let Inbox::Fresh(mut tx) = open_inbox(&inner.store, &inner.name, event.id).await? else {
             return Ok(());
-        }
+        };
         let mut ctx = EventContext {
             tx: &mut tx,
             event,
@@ -231,14 +226,10 @@ impl<S: Store + Clone> EventConsumer<S> {
             ))),
             Err(error) => {
                 drop(tx);
-                let mut tx = inner.store.begin().await?;
-                if let Begin::Duplicate { .. } = inner
-                    .store
-                    .begin_processing(&mut tx, &inner.name, event.id, now)
-                    .await?
-                {
+                let Inbox::Fresh(mut tx) = open_inbox(&inner.store, &inner.name, event.id).await?
+                else {
                     return Ok(());
-                }
+                };
                 let entry =
                     self.log_entry(event, LogStatus::Failed, &[], Some(error.message.clone()));
                 inner.store.append_log(&mut tx, &entry).await?;

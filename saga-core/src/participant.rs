@@ -26,7 +26,9 @@ use crate::error::{Error, Result, StepError};
 use crate::message::{Message, OutboxEntry};
 use crate::reply::{self, Reply};
 use crate::saga::Phase;
-use crate::store::{Begin, IdempotencyStore, OutboxStore, StepClaim, StepMark, Transactional};
+use crate::store::{
+    IdempotencyStore, Inbox, OutboxStore, StepClaim, StepMark, Transactional, open_inbox,
+};
 use crate::transport::Transport;
 use crate::wire::headers;
 use crate::worker::{self, Worker};
@@ -127,17 +129,18 @@ impl<S: OutboxStore + IdempotencyStore + Clone> Participant<S> {
 
     /// Consumes commands in the background.
     pub async fn spawn(&self) -> Result<Worker> {
-        let subscription = self
-            .inner
-            .transport
-            .subscribe(&self.inner.name, std::slice::from_ref(&self.inner.channel))
-            .await?;
-        let (mut worker, signal) = Worker::new();
         let this = self.clone();
-        worker.spawn(worker::consume(subscription, signal, move |command| {
-            let this = this.clone();
-            async move { this.handle(&command).await }
-        }));
+        let inner = &self.inner;
+        let (worker, _) = worker::spawn_consumer(
+            &*inner.transport,
+            &inner.name,
+            std::slice::from_ref(&inner.channel),
+            move |command| {
+                let this = this.clone();
+                async move { this.handle(&command).await }
+            },
+        )
+        .await?;
         Ok(worker)
     }
 
@@ -147,21 +150,19 @@ impl<S: OutboxStore + IdempotencyStore + Clone> Participant<S> {
         let inner = &self.inner;
         let step = step_ref(command)?;
         let now = clock::now();
-        let mut tx = inner.store.begin().await?;
-        if let Begin::Duplicate { reply } = inner
-            .store
-            .begin_processing(&mut tx, &inner.name, command.id, now)
-            .await?
-        {
-            drop(tx);
-            if let Some(reply) = reply {
-                inner
-                    .transport
-                    .publish(&reply.channel, &reply.message)
-                    .await?;
+        let mut tx = match open_inbox(&inner.store, &inner.name, command.id).await? {
+            Inbox::Fresh(tx) => tx,
+            Inbox::Duplicate(reply) => {
+                // Processed before: answer as then.
+                if let Some(reply) = reply {
+                    inner
+                        .transport
+                        .publish(&reply.channel, &reply.message)
+                        .await?;
+                }
+                return Ok(());
             }
-            return Ok(());
-        }
+        };
         let Some(handler) = inner.handlers.get(&command.message_type).cloned() else {
             let error = format!(
                 "participant `{}` has no handler for command type `{}`",
@@ -225,14 +226,10 @@ impl<S: OutboxStore + IdempotencyStore + Clone> Participant<S> {
             Err(error) => {
                 // The handler's writes (and the step mark) roll back; record the failure alone.
                 drop(tx);
-                let mut tx = inner.store.begin().await?;
-                if let Begin::Duplicate { .. } = inner
-                    .store
-                    .begin_processing(&mut tx, &inner.name, command.id, now)
-                    .await?
-                {
+                let Inbox::Fresh(tx) = open_inbox(&inner.store, &inner.name, command.id).await?
+                else {
                     return Ok(());
-                }
+                };
                 let reply = reply::failure(command, &inner.name, &error);
                 if reply.is_none() {
                     tracing::warn!(command = %command.id, %error, "command failed and has no reply channel");

@@ -292,6 +292,33 @@ pub trait SagaStore: Transactional {
     async fn log(&self, correlation_id: &str) -> Result<Vec<SagaLogEntry>>;
 }
 
+/// A transaction with a message recorded as processed, or the reply stored
+/// when it was processed before.
+// Made once per message and taken apart at once.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Inbox<Tx> {
+    /// First time: process it in this transaction.
+    Fresh(Tx),
+    /// Processed before; the stored reply, if any.
+    Duplicate(Option<OutboxEntry>),
+}
+
+/// Opens a transaction and records in it that `consumer` processes `message_id`.
+pub(crate) async fn open_inbox<S: IdempotencyStore + ?Sized>(
+    store: &S,
+    consumer: &str,
+    message_id: MessageId,
+) -> Result<Inbox<S::Tx>> {
+    let mut tx = store.begin().await?;
+    match store
+        .begin_processing(&mut tx, consumer, message_id, crate::clock::now())
+        .await?
+    {
+        Begin::Fresh => Ok(Inbox::Fresh(tx)),
+        Begin::Duplicate { reply } => Ok(Inbox::Duplicate(reply)),
+    }
+}
+
 /// Every store the engine needs, on one backend sharing one transaction type.
 pub trait Store: OutboxStore + IdempotencyStore + SagaStore {}
 

@@ -8,7 +8,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::message::Message;
-use crate::transport::{Delivery, Subscription};
+use crate::transport::{Delivery, Subscription, Transport};
 
 /// Handle to the background tasks of a component (orchestrator, participant,
 /// consumer, relay).
@@ -99,6 +99,24 @@ pub(crate) async fn settle(delivery: Delivery, result: Result<()>) {
     if let Err(error) = settled {
         tracing::warn!(message = %id, %error, "settling the delivery failed; the broker will redeliver it");
     }
+}
+
+/// Subscribes `group` to `channels` and runs `handle` on every delivery in a
+/// new worker; returns it with its shutdown signal, for more tasks.
+pub(crate) async fn spawn_consumer<F, Fut>(
+    transport: &dyn Transport,
+    group: &str,
+    channels: &[String],
+    handle: F,
+) -> Result<(Worker, watch::Receiver<bool>)>
+where
+    F: Fn(Message) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<()>> + Send + 'static,
+{
+    let subscription = transport.subscribe(group, channels).await?;
+    let (mut worker, signal) = Worker::new();
+    worker.spawn(consume(subscription, signal.clone(), handle));
+    Ok((worker, signal))
 }
 
 /// Runs `handle` on every delivery until shutdown; the message in hand is finished first.

@@ -17,7 +17,7 @@ use crate::saga::definition::{
     ErasedDefinition, SagaData, SagaDefinition, StepContext, StepOutcome,
 };
 use crate::saga::instance::{Phase, SagaInstance, SagaState, StepEvent, StepStatus};
-use crate::store::{Begin, SagaFilter, Store};
+use crate::store::{Inbox, SagaFilter, Store, open_inbox};
 use crate::transport::Transport;
 use crate::wire::headers;
 use crate::worker::{self, Worker};
@@ -278,24 +278,18 @@ impl<S: Store + Clone> Orchestrator<S> {
     /// Runs the orchestrator in the background: consumes replies and polls for
     /// due sagas (retries, deadlines, and sagas a stopped instance left).
     pub async fn spawn(&self) -> Result<Worker> {
-        let subscription = self
-            .inner
-            .transport
-            .subscribe(
-                &self.inner.config.name,
-                std::slice::from_ref(&self.inner.config.reply_channel),
-            )
-            .await?;
-        let (mut worker, signal) = Worker::new();
         let this = self.clone();
-        worker.spawn(worker::consume(
-            subscription,
-            signal.clone(),
+        let config = &self.inner.config;
+        let (mut worker, signal) = worker::spawn_consumer(
+            &*self.inner.transport,
+            &config.name,
+            std::slice::from_ref(&config.reply_channel),
             move |reply| {
                 let this = this.clone();
                 async move { this.handle_reply(&reply).await }
             },
-        ));
+        )
+        .await?;
         let this = self.clone();
         worker.spawn(async move { this.poll_due(signal).await });
         Ok(worker)
@@ -437,13 +431,10 @@ impl<S: Store + Clone> Orchestrator<S> {
     ) -> Result<bool> {
         let store = &self.inner.store;
         let now = clock::now();
-        let mut tx = store.begin().await?;
-        if let Begin::Duplicate { .. } = store
-            .begin_processing(&mut tx, &self.inner.config.name, reply.id, now)
-            .await?
-        {
+        let Inbox::Fresh(mut tx) = open_inbox(store, &self.inner.config.name, reply.id).await?
+        else {
             return Ok(false);
-        }
+        };
         let Some(mut saga) = store.load(&mut tx, saga_id).await? else {
             tracing::warn!(saga = %saga_id, reply = %reply.id, "reply for an unknown saga; ignoring it");
             store.commit(tx).await?;
