@@ -192,12 +192,7 @@ impl SagaStore for CrashingStore {
 /// orchestrator's commits before it died (all of them without a crash) and
 /// whether the crash happened.
 fn run(plan: &Plan, crash: Option<Crash>) -> (u32, bool) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    common::paused_runtime().block_on(async {
         let mut world = World::start_without_orchestrator(MemoryTransport::default()).await;
         let trap = Arc::new(Trap {
             crash: crash.map(|c| match c {

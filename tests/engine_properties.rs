@@ -90,12 +90,7 @@ fn chaos() -> impl Strategy<Value = Chaos> {
 }
 
 fn run(plans: &[Plan], chaos: &Chaos) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    common::paused_runtime().block_on(async {
         let transport = MemoryTransport::new(MemoryTransportConfig {
             max_deliveries: 1000,
             faults: chaos.faults.clone(),

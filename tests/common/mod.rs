@@ -274,6 +274,15 @@ impl SagaStep<CheckoutData, MemoryTx> for Remote {
     }
 }
 
+/// A runtime on tokio's paused clock: deadlines, leases and backoffs cost no real time.
+pub fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a tokio runtime")
+}
+
 pub fn definition(counters: &Arc<Counters>) -> SagaDefinition<CheckoutData, MemoryTx> {
     let config = StepConfig::default()
         .retry(
