@@ -7,10 +7,11 @@
 //!   choreography consumer) and in-memory implementations of every trait;
 //! - [`outbox`] (`saga-outbox`): the relay from any outbox store to any transport.
 //!
+//! - [`sql`] (`saga-sqlx`, feature `postgres`): the PostgreSQL stores.
+//!
 //! Everything of `saga-core` is also available at the root (`saga::Orchestrator`).
-//! The database and broker backends (`saga-sqlx`, `saga-kafka`, `saga-amqp`,
-//! `saga-redis`) are not implemented yet; they will appear here behind the
-//! features `postgres`, `sqlite`, `kafka`, `amqp` and `redis`.
+//! Not implemented yet: SQLite (feature `sqlite`), and the broker transports
+//! `saga-kafka`, `saga-amqp`, `saga-redis` (features `kafka`, `amqp`, `redis`).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -30,3 +31,6 @@
 pub use saga_core as core;
 pub use saga_core::*;
 pub use saga_outbox as outbox;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use saga_sqlx as sql;

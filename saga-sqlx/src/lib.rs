@@ -1,5 +1,29 @@
-//! PostgreSQL and SQLite implementations of the outbox, idempotency and saga stores (sqlx), with embedded migrations and LISTEN/NOTIFY wake-up.
+//! PostgreSQL implementations of the saga-core stores, on sqlx.
 //!
-//! **Not implemented yet.** This crate holds no code so far; issue #3
-//! builds it. Until then, use the in-memory implementations in
-//! `saga_core::memory`, which keep the same contracts.
+//! [`PostgresStore`] is an outbox, idempotency and saga store in one schema
+//! of your database. Every write that belongs to a business transaction takes
+//! your `sqlx::Transaction`, so the business row, the saga state and the
+//! outgoing messages commit together or not at all.
+//!
+//! ```no_run
+//! use saga_sqlx::PostgresStore;
+//!
+//! # async fn run() -> saga_core::Result<()> {
+//! let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+//! let pool = sqlx::PgPool::connect(&url).await.map_err(|e| saga_core::Error::Unavailable(e.to_string()))?;
+//! let store = PostgresStore::with_schema(pool, "orders_saga")?;
+//! store.migrate().await?; // once at start-up; safe to repeat
+//! # Ok(()) }
+//! ```
+//!
+//! Not yet here: SQLite, LISTEN/NOTIFY wake-up (the relay polls), retention
+//! jobs beyond `purge_published`/`purge_expired`.
+
+mod error;
+#[cfg(feature = "postgres")]
+mod postgres;
+mod schema;
+
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
+pub use schema::validate_identifier;

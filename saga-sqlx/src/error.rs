@@ -1,0 +1,45 @@
+//! sqlx errors mapped to saga-core's, by the database's own codes.
+
+use saga_core::Error;
+
+/// SQLSTATE classes and codes after which a retry can succeed: serialization
+/// failure, deadlock, lock not available, too many connections, server
+/// shutting down, and every connection exception (class 08).
+fn retryable_sqlstate(code: &str) -> bool {
+    matches!(
+        code,
+        "40001" | "40P01" | "55P03" | "53300" | "57P01" | "57P02" | "57P03"
+    ) || code.starts_with("08")
+}
+
+/// Whether retrying after `error` can help.
+pub(crate) fn is_retryable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| retryable_sqlstate(&code)),
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// Wraps a sqlx error with what was being done.
+pub(crate) fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |error| {
+        let retryable = is_retryable(&error);
+        Error::backend(context, retryable, error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retryable_sqlstate;
+
+    #[test]
+    fn codes_that_can_pass_are_retryable() {
+        for code in ["40001", "40P01", "08006", "57P01"] {
+            assert!(retryable_sqlstate(code), "{code}");
+        }
+        for code in ["23505", "42601", "42P01", "22P02"] {
+            assert!(!retryable_sqlstate(code), "{code}");
+        }
+    }
+}
