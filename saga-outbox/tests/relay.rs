@@ -1,16 +1,12 @@
-//! The relay on the in-memory store and transport, with a transport that
-//! fails, rejects or hangs on chosen messages.
+//! The relay on the in-memory store and transport; the transport fails,
+//! rejects or hangs on chosen messages.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use saga_core::memory::{MemoryStore, MemoryTransport};
-use saga_core::transport::{Capabilities, Subscription};
-use saga_core::{
-    Error, Message, OutboxEntry, OutboxStore, Result, RetryPolicy, Transactional, Transport,
-};
+use saga_core::memory::{MemoryStore, MemoryTransport, PublishFault};
+use saga_core::{Error, Message, OutboxEntry, OutboxStore, RetryPolicy, Transactional, Transport};
 use saga_outbox::{Relay, RelayConfig, wait_until_delivered};
 
 const CHANNEL: &str = "events";
@@ -25,7 +21,7 @@ enum Rule {
     Hang,
 }
 
-/// A transport that misbehaves for chosen payloads.
+/// The in-memory broker, misbehaving for chosen payloads.
 #[derive(Clone, Default)]
 struct Flaky {
     inner: MemoryTransport,
@@ -33,6 +29,32 @@ struct Flaky {
 }
 
 impl Flaky {
+    fn new() -> Self {
+        let flaky = Self::default();
+        let rules = Arc::clone(&flaky.rules);
+        flaky.inner.on_publish(move |_, message| {
+            let key = label(message);
+            let mut rules = rules.lock().unwrap();
+            match rules.get(&key).copied()? {
+                Rule::Fail(0) => None,
+                Rule::Fail(n) => {
+                    rules.insert(key.clone(), Rule::Fail(n - 1));
+                    Some(PublishFault::Fail(Error::Unavailable(format!(
+                        "broker refused {key} for now"
+                    ))))
+                }
+                Rule::Reject => Some(PublishFault::Fail(Error::InvalidMessage(format!(
+                    "{key} is too large for the broker"
+                )))),
+                Rule::Hang => {
+                    rules.remove(&key);
+                    Some(PublishFault::Hang)
+                }
+            }
+        });
+        flaky
+    }
+
     fn rule(&self, label: &str, rule: Rule) {
         self.rules.lock().unwrap().insert(label.to_owned(), rule);
     }
@@ -44,43 +66,14 @@ impl Flaky {
     fn labels(&self) -> Vec<String> {
         self.inner.published(CHANNEL).iter().map(label).collect()
     }
+
+    fn transport(&self) -> Arc<dyn Transport> {
+        Arc::new(self.inner.clone())
+    }
 }
 
 fn label(message: &Message) -> String {
     String::from_utf8_lossy(&message.payload).into_owned()
-}
-
-#[async_trait]
-impl Transport for Flaky {
-    async fn publish(&self, channel: &str, message: &Message) -> Result<()> {
-        let key = label(message);
-        let rule = self.rules.lock().unwrap().get(&key).copied();
-        match rule {
-            Some(Rule::Fail(n)) if n > 0 => {
-                self.rule(&key, Rule::Fail(n - 1));
-                return Err(Error::Unavailable(format!("broker refused {key} for now")));
-            }
-            Some(Rule::Reject) => {
-                return Err(Error::InvalidMessage(format!(
-                    "{key} is too large for the broker"
-                )));
-            }
-            Some(Rule::Hang) => {
-                self.rules.lock().unwrap().remove(&key);
-                std::future::pending::<()>().await;
-            }
-            _ => {}
-        }
-        self.inner.publish(channel, message).await
-    }
-
-    async fn subscribe(&self, group: &str, channels: &[String]) -> Result<Box<dyn Subscription>> {
-        self.inner.subscribe(group, channels).await
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
 }
 
 fn config() -> RelayConfig {
@@ -139,9 +132,9 @@ fn assert_complete_and_ordered(labels: &[String], keys: &[&str], per_key: usize)
 #[tokio::test(start_paused = true)]
 async fn drains_everything_in_key_order() {
     let store = MemoryStore::new();
-    let transport = Flaky::default();
+    let transport = Flaky::new();
     fill(&store, &["a", "b", "c"], 30).await;
-    let relay = Relay::new(store.clone(), Arc::new(transport.clone()), config()).spawn();
+    let relay = Relay::new(store.clone(), transport.transport(), config()).spawn();
     wait_until_delivered(&store, Duration::from_secs(30))
         .await
         .unwrap();
@@ -154,10 +147,10 @@ async fn drains_everything_in_key_order() {
 #[tokio::test(start_paused = true)]
 async fn a_failing_message_holds_back_its_key_only() {
     let store = MemoryStore::new();
-    let transport = Flaky::default();
+    let transport = Flaky::new();
     transport.rule("slow:0", Rule::Fail(3));
     fill(&store, &["slow", "fast"], 5).await;
-    let relay = Relay::new(store.clone(), Arc::new(transport.clone()), config());
+    let relay = Relay::new(store.clone(), transport.transport(), config());
     let first = relay.run_once().await.unwrap();
     assert_eq!(first.failed, 1);
     assert!(
@@ -183,10 +176,10 @@ async fn a_failing_message_holds_back_its_key_only() {
 #[tokio::test(start_paused = true)]
 async fn a_poison_message_is_dead_lettered_and_the_rest_flow() {
     let store = MemoryStore::new();
-    let transport = Flaky::default();
+    let transport = Flaky::new();
     transport.rule("k:1", Rule::Reject);
     fill(&store, &["k"], 4).await;
-    let relay = Relay::new(store.clone(), Arc::new(transport.clone()), config()).spawn();
+    let relay = Relay::new(store.clone(), transport.transport(), config()).spawn();
     wait_until_delivered(&store, Duration::from_secs(30))
         .await
         .unwrap();
@@ -212,10 +205,10 @@ async fn a_poison_message_is_dead_lettered_and_the_rest_flow() {
 #[tokio::test(start_paused = true)]
 async fn exhausted_retries_dead_letter_with_the_last_error() {
     let store = MemoryStore::new();
-    let transport = Flaky::default();
+    let transport = Flaky::new();
     transport.rule("k:0", Rule::Fail(u32::MAX));
     fill(&store, &["k"], 2).await;
-    let relay = Relay::new(store.clone(), Arc::new(transport.clone()), config()).spawn();
+    let relay = Relay::new(store.clone(), transport.transport(), config()).spawn();
     wait_until_delivered(&store, Duration::from_secs(60))
         .await
         .unwrap();
@@ -241,22 +234,12 @@ async fn exhausted_retries_dead_letter_with_the_last_error() {
 #[tokio::test(start_paused = true)]
 async fn two_relays_publish_each_message_exactly_once() {
     let store = MemoryStore::new();
-    let transport = Flaky::default();
+    let transport = Flaky::new();
     let keys: Vec<String> = (0..40).map(|k| format!("k{k}")).collect();
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     fill(&store, &keys, 10).await;
-    let a = Relay::new(
-        store.clone(),
-        Arc::new(transport.clone()),
-        config().owner("a"),
-    )
-    .spawn();
-    let b = Relay::new(
-        store.clone(),
-        Arc::new(transport.clone()),
-        config().owner("b"),
-    )
-    .spawn();
+    let a = Relay::new(store.clone(), transport.transport(), config().owner("a")).spawn();
+    let b = Relay::new(store.clone(), transport.transport(), config().owner("b")).spawn();
     wait_until_delivered(&store, Duration::from_secs(60))
         .await
         .unwrap();
@@ -275,12 +258,12 @@ async fn two_relays_publish_each_message_exactly_once() {
 #[tokio::test(start_paused = true)]
 async fn a_relay_killed_mid_batch_loses_nothing() {
     let store = MemoryStore::new();
-    let transport = Flaky::default();
+    let transport = Flaky::new();
     transport.rule("a:3", Rule::Hang);
     fill(&store, &["a", "b"], 20).await;
     let doomed = Relay::new(
         store.clone(),
-        Arc::new(transport.clone()),
+        transport.transport(),
         config().owner("doomed"),
     )
     .spawn();
@@ -292,7 +275,7 @@ async fn a_relay_killed_mid_batch_loses_nothing() {
     doomed.abort().await;
     let survivor = Relay::new(
         store.clone(),
-        Arc::new(transport.clone()),
+        transport.transport(),
         config().owner("survivor"),
     )
     .spawn();

@@ -15,8 +15,10 @@ use saga_core::{
     Error, IdempotencyStore, MessageId, OutboxEntry, OutboxStore, Result, SagaId, SagaStore,
     Transactional, wire,
 };
-use sqlx::postgres::{PgPool, PgRow};
+use sqlx::postgres::{PgListener, PgPool, PgRow};
 use sqlx::{Postgres, Row, Transaction};
+use std::sync::Arc;
+use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::error::db;
@@ -29,10 +31,14 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 /// Cheap to clone (the pool is shared). Writes that belong to a business
 /// transaction take a [`Transaction`] from [`Transactional::begin`] or from the
 /// same pool: your business rows commit with them.
+/// After a commit that enqueued messages, relays waiting in
+/// [`OutboxStore::wait_for_messages`] wake up through LISTEN/NOTIFY: one
+/// notification per committing transaction, whatever the number of rows.
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
     schema: String,
+    listener: Arc<Mutex<Option<PgListener>>>,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -159,6 +165,7 @@ impl PostgresStore {
         Self {
             pool,
             schema: "saga".to_owned(),
+            listener: Arc::default(),
         }
     }
 
@@ -168,6 +175,7 @@ impl PostgresStore {
         Ok(Self {
             pool,
             schema: schema.to_owned(),
+            listener: Arc::default(),
         })
     }
 
@@ -204,9 +212,23 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// The LISTEN/NOTIFY channel of this store's outbox.
+    pub fn notify_channel(&self) -> String {
+        format!("{}_saga_outbox", self.schema)
+    }
+
     /// A schema-qualified table name.
     fn t(&self, table: &str) -> String {
         format!("{}.{table}", self.schema)
+    }
+}
+
+impl PostgresStore {
+    /// A listener on this store's channel, or `None` (the caller polls) if it cannot listen.
+    async fn listen(&self) -> Option<PgListener> {
+        let mut listener = PgListener::connect_with(&self.pool).await.ok()?;
+        listener.listen(&self.notify_channel()).await.ok()?;
+        Some(listener)
     }
 }
 
@@ -261,6 +283,12 @@ impl OutboxStore for PostgresStore {
         .execute(&mut **tx)
         .await
         .map_err(db("enqueueing outbox messages"))?;
+        // Delivered at commit; identical notifications of one transaction fold into one.
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(self.notify_channel())
+            .execute(&mut **tx)
+            .await
+            .map_err(db("notifying relays"))?;
         Ok(())
     }
 
@@ -404,6 +432,31 @@ impl OutboxStore for PostgresStore {
             dead: dead.max(0) as u64,
             oldest_pending: row.try_get("oldest").map_err(db("reading outbox stats"))?,
         })
+    }
+
+    async fn wait_for_messages(&self, max_wait: Duration) {
+        let deadline = tokio::time::Instant::now() + max_wait;
+        let listened = tokio::time::timeout_at(deadline, async {
+            let mut listener = self.listener.lock().await;
+            if listener.is_none() {
+                *listener = self.listen().await;
+            }
+            match listener.as_mut() {
+                Some(active) => {
+                    if let Err(error) = active.recv().await {
+                        tracing::warn!(%error, "LISTEN connection failed; relays poll until it is back");
+                        *listener = None;
+                    }
+                    true
+                }
+                None => false,
+            }
+        })
+        .await;
+        if listened != Ok(true) {
+            // No notification came, or none can: wait out the poll interval.
+            tokio::time::sleep_until(deadline).await;
+        }
     }
 
     async fn purge_published(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {

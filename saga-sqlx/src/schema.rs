@@ -3,11 +3,13 @@
 use saga_core::{Error, Result};
 
 /// Checks that `name` is a plain SQL identifier we may put in SQL text:
-/// 1 to 63 characters, lowercase ASCII letters, digits and `_`, not starting
-/// with a digit. Everything else is bound as a value, never formatted in.
+/// 1 to 48 characters (so derived names such as the notification channel
+/// `<schema>_saga_outbox` stay within PostgreSQL's 63), lowercase ASCII
+/// letters, digits and `_`, not starting with a digit. Everything else is
+/// bound as a value, never formatted in.
 pub fn validate_identifier(name: &str) -> Result<()> {
     let valid = !name.is_empty()
-        && name.len() <= 63
+        && name.len() <= 48
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
@@ -16,7 +18,7 @@ pub fn validate_identifier(name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::Config(format!(
-            "`{name}` is not a valid schema name: use 1 to 63 lowercase letters, digits and `_`, not starting with a digit"
+            "`{name}` is not a valid schema name: use 1 to 48 lowercase letters, digits and `_`, not starting with a digit"
         )))
     }
 }
@@ -38,7 +40,7 @@ mod tests {
             "a.b",
             "x; DROP TABLE y",
             "a\"b",
-            &"a".repeat(64),
+            &"a".repeat(49),
         ] {
             let error = validate_identifier(bad).unwrap_err();
             assert!(

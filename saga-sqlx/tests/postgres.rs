@@ -43,3 +43,51 @@ async fn migrating_twice_changes_nothing() {
     let Some(store) = store().await else { return };
     store.migrate().await.unwrap();
 }
+
+/// One notification per committing transaction, none for a rolled-back one,
+/// and a waiting relay wakes at the commit instead of at its poll interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_notifies_once_per_committed_transaction() {
+    use saga_core::{Message, OutboxEntry, OutboxStore, Transactional};
+    use sqlx::postgres::PgListener;
+
+    let Some(store) = store().await else { return };
+    let mut listener = PgListener::connect_with(store.pool()).await.unwrap();
+    listener.listen(&store.notify_channel()).await.unwrap();
+    let entry = || OutboxEntry::new("orders", Message::new("order.placed", b"{}".to_vec()));
+    let quiet = Duration::from_millis(500);
+
+    let mut tx = store.begin().await.unwrap();
+    store.enqueue(&mut tx, &[entry()]).await.unwrap();
+    drop(tx);
+    assert!(
+        tokio::time::timeout(quiet, listener.recv()).await.is_err(),
+        "a rollback notifies nobody"
+    );
+
+    let mut tx = store.begin().await.unwrap();
+    for _ in 0..3 {
+        store.enqueue(&mut tx, &[entry(), entry()]).await.unwrap();
+    }
+    store.commit(tx).await.unwrap();
+    tokio::time::timeout(quiet, listener.recv())
+        .await
+        .expect("notified at commit")
+        .unwrap();
+    assert!(
+        tokio::time::timeout(quiet, listener.recv()).await.is_err(),
+        "six rows, one notification"
+    );
+
+    let waiter = store.clone();
+    let waiting =
+        tokio::spawn(async move { waiter.wait_for_messages(Duration::from_secs(30)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut tx = store.begin().await.unwrap();
+    store.enqueue(&mut tx, &[entry()]).await.unwrap();
+    store.commit(tx).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("woken by the commit, not at the 30 s poll interval")
+        .unwrap();
+}

@@ -6,4 +6,4 @@ mod store;
 mod transport;
 
 pub use store::{MemoryStore, MemoryTx};
-pub use transport::{Faults, MemoryTransport, MemoryTransportConfig};
+pub use transport::{Faults, MemoryTransport, MemoryTransportConfig, PublishFault};

@@ -38,6 +38,17 @@ pub struct Faults {
     pub publish_failure: f64,
 }
 
+/// What a publish rule ([`MemoryTransport::on_publish`]) does to one publish.
+#[derive(Debug)]
+pub enum PublishFault {
+    /// The publish fails with this error (retryable or not, as the error says).
+    Fail(Error),
+    /// The publish never returns, as with a broker that stopped answering.
+    Hang,
+}
+
+type PublishRule = Arc<dyn Fn(&str, &Message) -> Option<PublishFault> + Send + Sync>;
+
 /// Settings of a [`MemoryTransport`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct MemoryTransportConfig {
@@ -95,6 +106,7 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     changed: Notify,
+    rule: Mutex<Option<PublishRule>>,
 }
 
 impl Shared {
@@ -138,6 +150,7 @@ impl MemoryTransport {
                     next_tag: 0,
                 }),
                 changed: Notify::new(),
+                rule: Mutex::new(None),
             }),
         }
     }
@@ -153,6 +166,28 @@ impl MemoryTransport {
     pub fn outage(&self, duration: Duration) {
         self.shared.lock().outage_until = Some(Instant::now() + duration);
         self.shared.changed.notify_waiters();
+    }
+
+    /// Decides the fate of every publish from now on: `Some(fault)` applies
+    /// the fault, `None` publishes normally. Replaces the previous rule.
+    pub fn on_publish(
+        &self,
+        rule: impl Fn(&str, &Message) -> Option<PublishFault> + Send + Sync + 'static,
+    ) {
+        *self
+            .shared
+            .rule
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(rule));
+    }
+
+    /// Removes the publish rule.
+    pub fn clear_publish_rule(&self) {
+        *self
+            .shared
+            .rule
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
     /// Every message ever published to `channel`, in order (dead letters
@@ -272,6 +307,17 @@ impl State {
 #[async_trait]
 impl Transport for MemoryTransport {
     async fn publish(&self, channel: &str, message: &Message) -> Result<()> {
+        let rule = self
+            .shared
+            .rule
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match rule.and_then(|rule| rule(channel, message)) {
+            Some(PublishFault::Fail(error)) => return Err(error),
+            Some(PublishFault::Hang) => std::future::pending::<()>().await,
+            None => {}
+        }
         {
             let mut state = self.shared.lock();
             if in_outage(&state, Instant::now()) {
