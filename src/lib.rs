@@ -7,11 +7,12 @@
 //!   choreography consumer) and in-memory implementations of every trait;
 //! - [`outbox`] (`saga-outbox`): the relay from any outbox store to any transport.
 //!
-//! - [`sql`] (`saga-sqlx`, feature `postgres`): the PostgreSQL stores.
+//! - [`sql`] (`saga-sqlx`, features `postgres` and `sqlite`): the PostgreSQL
+//!   and SQLite stores.
 //!
 //! Everything of `saga-core` is also available at the root (`saga::Orchestrator`).
-//! Not implemented yet: SQLite (feature `sqlite`), and the broker transports
-//! `saga-kafka`, `saga-amqp`, `saga-redis` (features `kafka`, `amqp`, `redis`).
+//! Not implemented yet: the broker transports `saga-kafka`, `saga-amqp`,
+//! `saga-redis` (features `kafka`, `amqp`, `redis`).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -31,6 +32,6 @@
 pub use saga_core as core;
 pub use saga_core::*;
 pub use saga_outbox as outbox;
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
 pub use saga_sqlx as sql;

@@ -1,4 +1,4 @@
-//! PostgreSQL implementations of the saga-core stores, on sqlx.
+//! PostgreSQL and SQLite implementations of the saga-core stores, on sqlx.
 //!
 //! [`PostgresStore`] is an outbox, idempotency and saga store in one schema
 //! of your database. Every write that belongs to a business transaction takes
@@ -16,14 +16,21 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Not yet here: SQLite, LISTEN/NOTIFY wake-up (the relay polls), retention
-//! jobs beyond `purge_published`/`purge_expired`.
+//! With the `sqlite` feature, [`SqliteStore`] keeps the same stores in one
+//! SQLite file (no server): the embedded default.
+//!
+//! Not yet here: MySQL.
 
+mod codec;
 mod error;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod schema;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
 pub use schema::validate_identifier;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;

@@ -1,6 +1,5 @@
 //! [`PostgresStore`]: every saga-core store on one PostgreSQL schema.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use saga_core::store::{
 };
 use saga_core::{
     Error, IdempotencyStore, MessageId, OutboxEntry, OutboxStore, Result, SagaId, SagaStore,
-    Transactional, wire,
+    Transactional,
 };
 use sqlx::postgres::{PgListener, PgPool, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -21,6 +20,7 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
+use crate::codec::{decode, encode};
 use crate::error::db;
 use crate::schema::validate_identifier;
 
@@ -47,38 +47,6 @@ impl fmt::Debug for PostgresStore {
             .field("schema", &self.schema)
             .finish_non_exhaustive()
     }
-}
-
-/// The wire form of an outbox entry: channel, CloudEvents headers, payload.
-fn encode(entry: &OutboxEntry) -> (String, serde_json::Value, Vec<u8>) {
-    let headers: serde_json::Map<String, serde_json::Value> = wire::to_headers(&entry.message)
-        .into_iter()
-        .map(|(k, v)| (k, serde_json::Value::String(v)))
-        .collect();
-    (
-        entry.channel.clone(),
-        serde_json::Value::Object(headers),
-        entry.message.payload.clone(),
-    )
-}
-
-fn decode(channel: String, headers: serde_json::Value, payload: Vec<u8>) -> Result<OutboxEntry> {
-    let serde_json::Value::Object(map) = headers else {
-        return Err(Error::InvalidMessage(
-            "stored headers are not a JSON object".into(),
-        ));
-    };
-    let pairs: BTreeMap<String, String> = map
-        .into_iter()
-        .map(|(k, v)| match v {
-            serde_json::Value::String(s) => (k, s),
-            other => (k, other.to_string()),
-        })
-        .collect();
-    Ok(OutboxEntry::new(
-        channel,
-        wire::from_headers(pairs, payload)?,
-    ))
 }
 
 /// Reads the optional stored reply of an inbox or step-mark row.
