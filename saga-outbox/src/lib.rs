@@ -13,6 +13,10 @@
 //! alive, and a relay that dies leaves leases that expire, so another relay
 //! publishes its messages (at-least-once; consumers deduplicate).
 //!
+//! Each batch runs in a `relay_batch` tracing span; counts and lag go to the
+//! `metrics` facade under the names in [`metrics_names`]. [`Retention`]
+//! deletes published messages and expired inbox records in bounded batches.
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //! use std::time::Duration;
@@ -28,6 +32,10 @@
 //! relay.shutdown().await;
 //! # Ok(()) }
 //! ```
+
+mod retention;
+
+pub use retention::{Purged, Retention, RetentionPolicy};
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -53,6 +61,8 @@ pub struct RelayConfig {
     pub lease: Duration,
     /// Attempts and backoff of failing publishes.
     pub retry: RetryPolicy,
+    /// How often the lag gauges are refreshed (each refresh counts the pending messages).
+    pub lag_interval: Duration,
 }
 
 impl Default for RelayConfig {
@@ -66,6 +76,7 @@ impl Default for RelayConfig {
             lease: Duration::from_secs(30),
             retry: RetryPolicy::attempts(10)
                 .with_backoff(Duration::from_millis(100), Duration::from_secs(30)),
+            lag_interval: Duration::from_secs(5),
         }
     }
 }
@@ -96,6 +107,13 @@ impl RelayConfig {
     #[must_use]
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
+        self
+    }
+
+    /// Sets how often the lag gauges are refreshed.
+    #[must_use]
+    pub fn lag_interval(mut self, interval: Duration) -> Self {
+        self.lag_interval = interval;
         self
     }
 
@@ -214,10 +232,31 @@ impl<S: OutboxStore> Relay<S> {
             self.store.mark_published(&published, clock::now()).await?;
         }
         report.published = published.len();
+        metrics::counter!(metrics_names::PUBLISHED).increment(report.published as u64);
+        metrics::counter!(metrics_names::FAILED).increment(report.failed as u64);
+        metrics::counter!(metrics_names::DEAD_LETTERED).increment(report.dead_lettered as u64);
         if report.released > 0 {
             self.store.release(&self.config.owner, &[]).await?;
         }
         Ok(report)
+    }
+
+    /// Sets the pending, dead and lag gauges from the store's counts.
+    async fn report_lag(&self) {
+        match self.store.stats().await {
+            Ok(stats) => {
+                let lag = stats.oldest_pending.map_or(0.0, |oldest| {
+                    (clock::now() - oldest)
+                        .to_std()
+                        .unwrap_or_default()
+                        .as_secs_f64()
+                });
+                metrics::gauge!(metrics_names::LAG_SECONDS).set(lag);
+                metrics::gauge!(metrics_names::PENDING).set(stats.pending as f64);
+                metrics::gauge!(metrics_names::DEAD).set(stats.dead as f64);
+            }
+            Err(error) => tracing::warn!(%error, "reading outbox stats for the lag gauges failed"),
+        }
     }
 
     async fn failed(
@@ -254,7 +293,12 @@ impl<S: OutboxStore> Relay<S> {
         let (mut worker, mut signal) = Worker::empty();
         worker.spawn(async move {
             let mut failures = 0u32;
+            let mut lag_refreshed: Option<tokio::time::Instant> = None;
             while !*signal.borrow() {
+                if lag_refreshed.is_none_or(|at| at.elapsed() >= self.config.lag_interval) {
+                    self.report_lag().await;
+                    lag_refreshed = Some(tokio::time::Instant::now());
+                }
                 match self.run_once().await {
                     Ok(report) if report.claimed > 0 => failures = 0,
                     Ok(_) => {
@@ -281,6 +325,22 @@ impl<S: OutboxStore> Relay<S> {
         });
         worker
     }
+}
+
+/// Names of the metrics the relay reports through the `metrics` facade.
+pub mod metrics_names {
+    /// Counter: messages the broker confirmed.
+    pub const PUBLISHED: &str = "saga_outbox_published_total";
+    /// Counter: failed publishes that will be retried.
+    pub const FAILED: &str = "saga_outbox_failed_total";
+    /// Counter: messages moved to the dead-letter list.
+    pub const DEAD_LETTERED: &str = "saga_outbox_dead_lettered_total";
+    /// Gauge: age in seconds of the oldest pending message (0 when none).
+    pub const LAG_SECONDS: &str = "saga_outbox_lag_seconds";
+    /// Gauge: pending messages.
+    pub const PENDING: &str = "saga_outbox_pending";
+    /// Gauge: dead letters.
+    pub const DEAD: &str = "saga_outbox_dead";
 }
 
 /// The claimed records as one line per ordering key (records without a key

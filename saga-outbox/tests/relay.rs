@@ -286,3 +286,130 @@ async fn a_relay_killed_mid_batch_loses_nothing() {
     assert_complete_and_ordered(&labels, &["a", "b"], 20);
     survivor.shutdown().await;
 }
+
+#[test]
+fn metrics_count_outcomes_and_report_lag() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use saga_outbox::metrics_names;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let store = MemoryStore::new();
+            let transport = Flaky::new();
+            transport.rule("k:0", Rule::Fail(2));
+            transport.rule("p:0", Rule::Reject);
+            fill(&store, &["k", "p"], 3).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let config = config().lag_interval(Duration::from_secs(3600));
+            let relay = Relay::new(store.clone(), transport.transport(), config).spawn();
+            wait_until_delivered(&store, Duration::from_secs(60))
+                .await
+                .unwrap();
+            relay.shutdown().await;
+        });
+    });
+    let values: HashMap<String, DebugValue> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| (key.key().name().to_owned(), value))
+        .collect();
+    let counter = |name: &str| match values.get(name) {
+        Some(DebugValue::Counter(n)) => *n,
+        other => panic!("{name}: {other:?}"),
+    };
+    let gauge = |name: &str| match values.get(name) {
+        Some(DebugValue::Gauge(v)) => v.into_inner(),
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(counter(metrics_names::PUBLISHED), 5);
+    assert_eq!(counter(metrics_names::FAILED), 2);
+    assert_eq!(counter(metrics_names::DEAD_LETTERED), 1);
+    // Refreshed once, at start: six messages waiting for five seconds.
+    assert!((gauge(metrics_names::PENDING) - 6.0).abs() < f64::EPSILON);
+    assert!(
+        gauge(metrics_names::LAG_SECONDS) >= 5.0,
+        "{}",
+        gauge(metrics_names::LAG_SECONDS)
+    );
+}
+
+/// Records `n` consumed messages; returns their ids.
+async fn processed(store: &MemoryStore, n: usize) -> Vec<saga_core::MessageId> {
+    use saga_core::IdempotencyStore;
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let id = saga_core::MessageId::new();
+        let mut tx = store.begin().await.unwrap();
+        store
+            .begin_processing(&mut tx, "stock", id, saga_core::clock::now())
+            .await
+            .unwrap();
+        store.commit(tx).await.unwrap();
+        ids.push(id);
+    }
+    ids
+}
+
+/// Whether `id` would be processed as new.
+async fn is_fresh(store: &MemoryStore, id: saga_core::MessageId) -> bool {
+    use saga_core::IdempotencyStore;
+    let mut tx = store.begin().await.unwrap();
+    let begin = store
+        .begin_processing(&mut tx, "stock", id, saga_core::clock::now())
+        .await
+        .unwrap();
+    begin == saga_core::store::Begin::Fresh
+}
+
+#[tokio::test(start_paused = true)]
+async fn retention_deletes_only_what_is_old_in_bounded_batches() {
+    use saga_outbox::{Purged, Retention, RetentionPolicy};
+
+    let store = MemoryStore::new();
+    let transport = Flaky::new();
+    let relay = Relay::new(
+        store.clone(),
+        transport.transport(),
+        config().batch_size(100),
+    );
+    fill(&store, &["old"], 25).await;
+    while relay.run_once().await.unwrap().claimed > 0 {}
+    let old_ids = processed(&store, 15).await;
+    tokio::time::advance(Duration::from_secs(2 * 3600)).await;
+    fill(&store, &["young"], 5).await;
+    while relay.run_once().await.unwrap().claimed > 0 {}
+    let young_ids = processed(&store, 3).await;
+
+    let policy = RetentionPolicy {
+        published: Some(Duration::from_secs(3600)),
+        processed: Some(Duration::from_secs(3600)),
+        batch_size: 10,
+        interval: Duration::from_secs(60),
+    };
+    let retention = Retention::new(store.clone(), policy);
+    assert_eq!(
+        retention.run_once().await.unwrap(),
+        Purged {
+            published: 25,
+            processed: 15
+        }
+    );
+    assert_eq!(retention.run_once().await.unwrap(), Purged::default());
+    assert!(
+        is_fresh(&store, old_ids[0]).await,
+        "an expired record is gone"
+    );
+    assert!(
+        !is_fresh(&store, young_ids[0]).await,
+        "a young record stays"
+    );
+    assert_eq!(store.stats().await.unwrap().pending, 0);
+}

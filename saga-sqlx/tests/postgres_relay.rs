@@ -1,23 +1,22 @@
 //! The relay on a real PostgreSQL outbox: several relays at once, poison
 //! messages, a relay aborted mid-batch, and a relay process killed with SIGKILL.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use saga_core::memory::{MemoryTransport, PublishFault};
 use saga_core::testing::{unavailable, unique};
 use saga_core::transport::{Capabilities, Subscription};
-use saga_core::{
-    Error, Message, OutboxEntry, OutboxStore, Result, RetryPolicy, Transactional, Transport,
-};
-use saga_outbox::{Relay, RelayConfig, wait_until_delivered};
+use saga_core::{Error, Message, OutboxStore, Result, Transport};
+use saga_outbox::{Relay, wait_until_delivered};
 use saga_sqlx::PostgresStore;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
-const CHANNEL: &str = "events";
+mod relay_cases;
+
+use relay_cases::{assert_complete_and_ordered, config, fill, label};
 
 fn database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -38,139 +37,22 @@ async fn store() -> Option<PostgresStore> {
     Some(store)
 }
 
-fn config(owner: &str) -> RelayConfig {
-    RelayConfig::default()
-        .owner(owner)
-        .batch_size(50)
-        .poll_interval(Duration::from_millis(50))
-        .lease(Duration::from_secs(2))
-        .retry(
-            RetryPolicy::attempts(5)
-                .with_backoff(Duration::from_millis(50), Duration::from_millis(500)),
-        )
-}
-
-/// Enqueues `per_key` messages per key, interleaved, labelled `key:index`.
-async fn fill(store: &PostgresStore, keys: usize, per_key: usize) {
-    let mut tx = store.begin().await.unwrap();
-    let mut entries = Vec::new();
-    for index in 0..per_key {
-        for key in 0..keys {
-            let message = Message::new("test", format!("k{key}:{index}").into_bytes())
-                .with_ordering_key(format!("k{key}"));
-            entries.push(OutboxEntry::new(CHANNEL, message));
-        }
-    }
-    store.enqueue(&mut tx, &entries).await.unwrap();
-    store.commit(tx).await.unwrap();
-}
-
-fn label(message: &Message) -> String {
-    String::from_utf8_lossy(&message.payload).into_owned()
-}
-
-/// Every message present, and per key in order of first publication.
-fn assert_complete_and_ordered(labels: &[String], keys: usize, per_key: usize) {
-    let mut seen = HashSet::new();
-    let mut by_key: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for l in labels {
-        if seen.insert(l.clone()) {
-            let (key, index) = l.split_once(':').unwrap();
-            by_key
-                .entry(key.to_owned())
-                .or_default()
-                .push(index.parse().unwrap());
-        }
-    }
-    assert_eq!(by_key.len(), keys, "every key published");
-    for (key, indexes) in by_key {
-        assert_eq!(
-            indexes,
-            (0..per_key).collect::<Vec<_>>(),
-            "key {key} incomplete or out of order"
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_publish_each_message_exactly_once() {
     let Some(store) = store().await else { return };
-    fill(&store, 100, 20).await;
-    let transport = MemoryTransport::default();
-    let relays = [
-        Relay::new(store.clone(), Arc::new(transport.clone()), config("a")).spawn(),
-        Relay::new(store.clone(), Arc::new(transport.clone()), config("b")).spawn(),
-    ];
-    wait_until_delivered(&store, Duration::from_secs(60))
-        .await
-        .unwrap();
-    let labels: Vec<String> = transport.published(CHANNEL).iter().map(label).collect();
-    assert_eq!(
-        labels.len(),
-        2000,
-        "no message published twice while both relays live"
-    );
-    assert_complete_and_ordered(&labels, 100, 20);
-    for relay in relays {
-        relay.shutdown().await;
-    }
+    relay_cases::two_relays_publish_each_message_exactly_once(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_message_is_dead_lettered_and_the_rest_flow() {
     let Some(store) = store().await else { return };
-    fill(&store, 2, 10).await;
-    let transport = MemoryTransport::default();
-    transport.on_publish(|_, m| {
-        (label(m) == "k0:3")
-            .then(|| PublishFault::Fail(Error::InvalidMessage("k0:3 is too large".into())))
-    });
-    let relay = Relay::new(store.clone(), Arc::new(transport.clone()), config("a")).spawn();
-    wait_until_delivered(&store, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let labels: Vec<String> = transport.published(CHANNEL).iter().map(label).collect();
-    assert_eq!(labels.len(), 19);
-    assert!(!labels.contains(&"k0:3".to_owned()));
-    let dead = store.dead_letters(10).await.unwrap();
-    assert_eq!(dead.len(), 1);
-    assert_eq!(label(&dead[0].record.entry.message), "k0:3");
-    assert!(dead[0].error.contains("too large"));
-    transport.clear_publish_rule();
-    assert!(store.requeue_dead_letter(dead[0].record.seq).await.unwrap());
-    wait_until_delivered(&store, Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert_eq!(
-        transport.published(CHANNEL).last().map(label).as_deref(),
-        Some("k0:3")
-    );
-    relay.shutdown().await;
+    relay_cases::a_poison_message_is_dead_lettered_and_the_rest_flow(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_aborted_mid_batch_loses_nothing() {
     let Some(store) = store().await else { return };
-    fill(&store, 3, 30).await;
-    let transport = MemoryTransport::default();
-    transport.on_publish(|_, m| (label(m) == "k1:4").then_some(PublishFault::Hang));
-    let doomed = Relay::new(store.clone(), Arc::new(transport.clone()), config("doomed")).spawn();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(store.stats().await.unwrap().pending > 0, "stuck mid-batch");
-    doomed.abort().await;
-    transport.clear_publish_rule();
-    let survivor = Relay::new(
-        store.clone(),
-        Arc::new(transport.clone()),
-        config("survivor"),
-    )
-    .spawn();
-    wait_until_delivered(&store, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let labels: Vec<String> = transport.published(CHANNEL).iter().map(label).collect();
-    assert_complete_and_ordered(&labels, 3, 30);
-    survivor.shutdown().await;
+    relay_cases::a_relay_aborted_mid_batch_loses_nothing(store).await;
 }
 
 /// A broker that is a table: a publish is confirmed once its row committed,

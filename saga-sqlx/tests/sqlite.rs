@@ -28,3 +28,25 @@ async fn migrating_twice_changes_nothing() {
     let store = store().await.unwrap();
     store.migrate().await.unwrap();
 }
+
+mod relay_cases;
+
+mod relay {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_relays_publish_each_message_exactly_once() {
+        let store = super::store().await.unwrap();
+        super::relay_cases::two_relays_publish_each_message_exactly_once(store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_poison_message_is_dead_lettered_and_the_rest_flow() {
+        let store = super::store().await.unwrap();
+        super::relay_cases::a_poison_message_is_dead_lettered_and_the_rest_flow(store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_relay_aborted_mid_batch_loses_nothing() {
+        let store = super::store().await.unwrap();
+        super::relay_cases::a_relay_aborted_mid_batch_loses_nothing(store).await;
+    }
+}
