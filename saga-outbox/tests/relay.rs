@@ -413,3 +413,53 @@ async fn retention_deletes_only_what_is_old_in_bounded_batches() {
     );
     assert_eq!(store.stats().await.unwrap().pending, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_finishes_the_batch_in_hand_and_holds_nothing() {
+    let store = MemoryStore::new();
+    let transport = Flaky::new();
+    transport
+        .inner
+        .on_publish(|_, _| Some(PublishFault::Delay(Duration::from_millis(50))));
+    fill(&store, &["a", "b", "c", "d"], 10).await;
+    let relay = Relay::new(
+        store.clone(),
+        transport.transport(),
+        config().batch_size(4).owner("leaving"),
+    )
+    .spawn();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    relay.shutdown().await;
+
+    let published: HashSet<String> = transport.labels().into_iter().collect();
+    assert!(
+        !published.is_empty() && published.len() < 40,
+        "stopped mid-run: {}",
+        published.len()
+    );
+    // Nothing is both published and still pending, and nothing stays leased:
+    // another relay can claim every remaining message at once.
+    let remaining = store
+        .claim(&saga_core::store::ClaimRequest {
+            owner: "next".into(),
+            limit: 100,
+            now: saga_core::clock::now(),
+            lease: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    assert!(
+        remaining
+            .iter()
+            .all(|r| !published.contains(&label(&r.entry.message)))
+    );
+    assert_eq!(
+        store.stats().await.unwrap().pending as usize,
+        40 - published.len()
+    );
+    assert_eq!(
+        remaining.len(),
+        40 - published.len(),
+        "every remaining message is claimable at once: none left leased"
+    );
+}

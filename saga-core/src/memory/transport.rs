@@ -45,6 +45,8 @@ pub enum PublishFault {
     Fail(Error),
     /// The publish never returns, as with a broker that stopped answering.
     Hang,
+    /// The publish succeeds after this long, as with a slow broker.
+    Delay(Duration),
 }
 
 type PublishRule = Arc<dyn Fn(&str, &Message) -> Option<PublishFault> + Send + Sync>;
@@ -316,6 +318,7 @@ impl Transport for MemoryTransport {
         match rule.and_then(|rule| rule(channel, message)) {
             Some(PublishFault::Fail(error)) => return Err(error),
             Some(PublishFault::Hang) => std::future::pending::<()>().await,
+            Some(PublishFault::Delay(wait)) => tokio::time::sleep(wait).await,
             None => {}
         }
         {
