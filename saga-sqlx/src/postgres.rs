@@ -263,15 +263,18 @@ impl OutboxStore for PostgresStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<OutboxRecord>> {
         let outbox = self.t("saga_outbox");
         // Only the head of each key's line: a record whose key has an older
-        // pending record is never taken (the claim contract).
+        // pending record is never taken (the claim contract). Written as "the
+        // key's smallest pending seq" so the planner always probes the
+        // (ordering_key, seq) index: the NOT EXISTS form, on a table not yet
+        // analyzed, scanned the seq index per candidate (25 s per claim at 20k rows).
         let rows = sqlx::query(&format!(
             "WITH picked AS ( \
                  SELECT o.seq FROM {outbox} o \
                  WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.retry_at <= $1 \
                    AND (o.lease_until IS NULL OR o.lease_until <= $1) \
-                   AND NOT EXISTS (SELECT 1 FROM {outbox} p \
-                       WHERE p.ordering_key = o.ordering_key AND p.seq < o.seq \
-                         AND p.published_at IS NULL AND p.dead_at IS NULL) \
+                   AND (o.ordering_key IS NULL OR o.seq = (SELECT min(p.seq) FROM {outbox} p \
+                       WHERE p.ordering_key = o.ordering_key \
+                         AND p.published_at IS NULL AND p.dead_at IS NULL)) \
                  ORDER BY o.seq LIMIT $2 FOR UPDATE SKIP LOCKED) \
              UPDATE {outbox} o SET lease_owner = $3, lease_until = $4 FROM picked \
              WHERE o.seq = picked.seq RETURNING o.seq, o.channel, o.headers, o.payload, o.attempts, \

@@ -229,9 +229,9 @@ impl OutboxStore for SqliteStore {
                  SELECT o.seq FROM saga_outbox o \
                  WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.retry_at <= ?3 \
                    AND (o.lease_until IS NULL OR o.lease_until <= ?3) \
-                   AND NOT EXISTS (SELECT 1 FROM saga_outbox p \
-                       WHERE p.ordering_key = o.ordering_key AND p.seq < o.seq \
-                         AND p.published_at IS NULL AND p.dead_at IS NULL) \
+                   AND (o.ordering_key IS NULL OR o.seq = (SELECT min(p.seq) FROM saga_outbox p \
+                       WHERE p.ordering_key = o.ordering_key \
+                         AND p.published_at IS NULL AND p.dead_at IS NULL)) \
                  ORDER BY o.seq LIMIT ?4) \
              RETURNING {OUTBOX_COLUMNS}"
         ))
