@@ -198,6 +198,30 @@ impl PostgresStore {
         listener.listen(&self.notify_channel()).await.ok()?;
         Some(listener)
     }
+
+    /// Counts a failed publish of an unpublished record, keeps its error,
+    /// releases its lease and sets `column` (`retry_at` or `dead_at`) to `at`.
+    async fn count_failure(
+        &self,
+        seq: i64,
+        error: &str,
+        column: &'static str,
+        at: DateTime<Utc>,
+        context: &'static str,
+    ) -> Result<()> {
+        sqlx::query(&format!(
+            "UPDATE {} SET attempts = attempts + 1, last_error = $2, {column} = $3, \
+             lease_owner = NULL, lease_until = NULL WHERE seq = $1 AND published_at IS NULL",
+            self.t("saga_outbox")
+        ))
+        .bind(seq)
+        .bind(error)
+        .bind(at)
+        .execute(&self.pool)
+        .await
+        .map_err(db(context))?;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -306,33 +330,19 @@ impl OutboxStore for PostgresStore {
     }
 
     async fn record_failure(&self, seq: i64, error: &str, retry_at: DateTime<Utc>) -> Result<()> {
-        sqlx::query(&format!(
-            "UPDATE {} SET attempts = attempts + 1, last_error = $2, retry_at = $3, \
-             lease_owner = NULL, lease_until = NULL WHERE seq = $1 AND published_at IS NULL",
-            self.t("saga_outbox")
-        ))
-        .bind(seq)
-        .bind(error)
-        .bind(retry_at)
-        .execute(&self.pool)
+        self.count_failure(
+            seq,
+            error,
+            "retry_at",
+            retry_at,
+            "recording a publish failure",
+        )
         .await
-        .map_err(db("recording a publish failure"))?;
-        Ok(())
     }
 
     async fn dead_letter(&self, seq: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
-        sqlx::query(&format!(
-            "UPDATE {} SET attempts = attempts + 1, last_error = $2, dead_at = $3, \
-             lease_owner = NULL, lease_until = NULL WHERE seq = $1 AND published_at IS NULL",
-            self.t("saga_outbox")
-        ))
-        .bind(seq)
-        .bind(error)
-        .bind(now)
-        .execute(&self.pool)
-        .await
-        .map_err(db("dead-lettering a message"))?;
-        Ok(())
+        self.count_failure(seq, error, "dead_at", now, "dead-lettering a message")
+            .await
     }
 
     async fn release(&self, owner: &str, seqs: &[i64]) -> Result<u64> {

@@ -179,6 +179,29 @@ impl SqliteStore {
             .await
             .map_err(|e| Error::backend("applying migrations", false, e))
     }
+
+    /// Counts a failed publish of an unpublished record, keeps its error,
+    /// releases its lease and sets `column` (`retry_at` or `dead_at`) to `at`.
+    async fn count_failure(
+        &self,
+        seq: i64,
+        error: &str,
+        column: &'static str,
+        at: DateTime<Utc>,
+        context: &'static str,
+    ) -> Result<()> {
+        sqlx::query(&format!(
+            "UPDATE saga_outbox SET attempts = attempts + 1, last_error = ?2, {column} = ?3, \
+             lease_owner = NULL, lease_until = NULL WHERE seq = ?1 AND published_at IS NULL"
+        ))
+        .bind(seq)
+        .bind(error)
+        .bind(micros(at))
+        .execute(&self.pool)
+        .await
+        .map_err(db(context))?;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -261,59 +284,33 @@ impl OutboxStore for SqliteStore {
     }
 
     async fn record_failure(&self, seq: i64, error: &str, retry_at: DateTime<Utc>) -> Result<()> {
-        sqlx::query(
-            "UPDATE saga_outbox SET attempts = attempts + 1, last_error = ?2, retry_at = ?3, \
-             lease_owner = NULL, lease_until = NULL WHERE seq = ?1 AND published_at IS NULL",
+        self.count_failure(
+            seq,
+            error,
+            "retry_at",
+            retry_at,
+            "recording a publish failure",
         )
-        .bind(seq)
-        .bind(error)
-        .bind(micros(retry_at))
-        .execute(&self.pool)
         .await
-        .map_err(db("recording a publish failure"))?;
-        Ok(())
     }
 
     async fn dead_letter(&self, seq: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
-        sqlx::query(
-            "UPDATE saga_outbox SET attempts = attempts + 1, last_error = ?2, dead_at = ?3, \
-             lease_owner = NULL, lease_until = NULL WHERE seq = ?1 AND published_at IS NULL",
-        )
-        .bind(seq)
-        .bind(error)
-        .bind(micros(now))
-        .execute(&self.pool)
-        .await
-        .map_err(db("dead-lettering a message"))?;
-        Ok(())
+        self.count_failure(seq, error, "dead_at", now, "dead-lettering a message")
+            .await
     }
 
     async fn release(&self, owner: &str, seqs: &[i64]) -> Result<u64> {
-        let mut tx = self.begin().await?;
-        let mut released = 0;
-        let all = std::iter::once(None);
-        let some = seqs.iter().map(Some);
-        let targets: Vec<Option<&i64>> = if seqs.is_empty() {
-            all.collect()
-        } else {
-            some.collect()
-        };
-        for seq in targets {
-            released += sqlx::query(
-                "UPDATE saga_outbox SET lease_owner = NULL, lease_until = NULL \
-                 WHERE lease_owner = ?1 AND published_at IS NULL AND (?2 IS NULL OR seq = ?2)",
-            )
-            .bind(owner)
-            .bind(seq)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("releasing claimed messages"))?
-            .rows_affected();
-        }
-        tx.commit()
-            .await
-            .map_err(db("releasing claimed messages"))?;
-        Ok(released)
+        let result = sqlx::query(
+            "UPDATE saga_outbox SET lease_owner = NULL, lease_until = NULL \
+             WHERE lease_owner = ?1 AND published_at IS NULL \
+               AND (?2 = '[]' OR seq IN (SELECT value FROM json_each(?2)))",
+        )
+        .bind(owner)
+        .bind(json_text(&seqs)?)
+        .execute(&self.pool)
+        .await
+        .map_err(db("releasing claimed messages"))?;
+        Ok(result.rows_affected())
     }
 
     async fn dead_letters(&self, limit_to: usize) -> Result<Vec<DeadLetter>> {
