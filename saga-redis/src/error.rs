@@ -1,0 +1,22 @@
+//! Redis errors mapped to saga-core's, by the client's own classification.
+
+use redis::{RedisError, RetryMethod};
+use saga_core::Error;
+
+/// Whether retrying after `error` can help: connection trouble, timeouts and
+/// server answers such as `LOADING` or `TRYAGAIN`.
+pub(crate) fn is_retryable(error: &RedisError) -> bool {
+    error.is_timeout()
+        || error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || !matches!(error.retry_method(), RetryMethod::NoRetry)
+}
+
+/// Wraps a Redis error with what was being done.
+pub(crate) fn redis(context: &'static str) -> impl FnOnce(RedisError) -> Error {
+    move |error| {
+        let retryable = is_retryable(&error);
+        Error::backend(context, retryable, error)
+    }
+}

@@ -1,0 +1,348 @@
+//! saga-redis against a real Redis (`REDIS_URL`, default redis://127.0.0.1:6379).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::streams::StreamRangeReply;
+use saga_core::testing::{PATIENCE, unavailable, unique};
+use saga_core::wire::headers;
+use saga_core::{Message, Transport};
+use saga_redis::{RedisConfig, RedisIdempotencyStore, RedisTransport};
+
+fn config() -> RedisConfig {
+    RedisConfig::from_env()
+        .prefix(format!("{}:", unique("test")))
+        .reclaim_idle(Duration::from_secs(1))
+        .block(Duration::from_millis(200))
+}
+
+async fn transport() -> Option<RedisTransport> {
+    match RedisTransport::connect(config()).await {
+        Ok(transport) => Some(transport),
+        Err(e) => unavailable("Redis", e),
+    }
+}
+
+async fn idempotency_store() -> Option<RedisIdempotencyStore> {
+    match RedisIdempotencyStore::connect(config()).await {
+        Ok(store) => Some(store),
+        Err(e) => unavailable("Redis", e),
+    }
+}
+
+mod transport_suite {
+    saga_core::transport_conformance!(super::transport);
+}
+
+mod idempotency_suite {
+    saga_core::idempotency_conformance!(super::idempotency_store);
+}
+
+async fn raw(config: &RedisConfig) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(config.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+fn field(entry: &redis::streams::StreamId, name: &str) -> Option<String> {
+    entry.get(name)
+}
+
+/// Entries written by someone else that are not our messages go to the
+/// dead-letter stream with the reason, and the good ones still flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_entries_are_dead_lettered_with_the_reason() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    let channel = unique("orders");
+    let key = transport.stream_key(&channel);
+    let mut sub = transport
+        .subscribe("billing", std::slice::from_ref(&channel))
+        .await
+        .unwrap();
+    let mut conn = raw(transport.config()).await;
+    let good = Message::new("order.placed", b"{}".to_vec());
+    let good_id = good.id.to_string();
+    let malformed: [(&[(&str, &[u8])], &str); 3] = [
+        (
+            &[("ce_id", b"not-a-uuid"), ("ce_type", b"x"), ("data", b"{}")],
+            "ce_id",
+        ),
+        (
+            &[("ce_type", b"order.placed"), ("ce_id", good_id.as_bytes())],
+            "data",
+        ),
+        (&[("ce_type", &[0xff, 0xfe]), ("data", b"{}")], "UTF-8"),
+    ];
+    for (fields, _) in &malformed {
+        let _: String = redis::cmd("XADD")
+            .arg(&key)
+            .arg("*")
+            .arg(*fields)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    transport.publish(&channel, &good).await.unwrap();
+
+    let delivery = tokio::time::timeout(PATIENCE, sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.message.id, good.id, "the good message still flows");
+    delivery.ack().await.unwrap();
+
+    let dead_key = transport.stream_key(&transport.dead_letter_channel(&channel));
+    let dead: StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&dead_key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(dead.ids.len(), 3, "each malformed entry dead-lettered once");
+    for (entry, (_, names)) in dead.ids.iter().zip(&malformed) {
+        let error = field(entry, headers::DEAD_LETTER_ERROR).unwrap();
+        assert!(error.contains(names), "{error:?} names {names}");
+        assert_eq!(
+            field(entry, headers::DEAD_LETTER_CHANNEL).as_deref(),
+            Some(channel.as_str())
+        );
+    }
+    let pending: (
+        u64,
+        Option<String>,
+        Option<String>,
+        Option<Vec<(String, String)>>,
+    ) = redis::cmd("XPENDING")
+        .arg(&key)
+        .arg("billing")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(pending.0, 0, "nothing left pending in the group");
+}
+
+/// `redis-cli`, not our code, reads a published message: id, type and
+/// payload from the documented fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cli_reads_a_published_message() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    let channel = unique("orders");
+    let sent = Message::json("order.placed", &serde_json::json!({"order": 7}))
+        .unwrap()
+        .with_ordering_key("order-7");
+    transport.publish(&channel, &sent).await.unwrap();
+    let output = tokio::process::Command::new("redis-cli")
+        .arg("-u")
+        .arg(&transport.config().url)
+        .arg("--raw")
+        .arg("XRANGE")
+        .arg(transport.stream_key(&channel))
+        .arg("-")
+        .arg("+")
+        .output()
+        .await
+        .expect("redis-cli is installed");
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let value = |name: &str| {
+        let at = lines
+            .iter()
+            .position(|l| *l == name)
+            .unwrap_or_else(|| panic!("field {name} in {text}"));
+        lines[at + 1].to_owned()
+    };
+    assert_eq!(value("ce_id"), sent.id.to_string());
+    assert_eq!(value("ce_type"), "order.placed");
+    assert_eq!(value("ce_specversion"), "1.0");
+    assert_eq!(value("ce_partitionkey"), "order-7");
+    assert_eq!(value("content-type"), "application/json");
+    assert_eq!(value("data"), r#"{"order":7}"#);
+}
+
+/// A trimmed stream keeps about `max_len` entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_trimmed_to_about_max_len() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    let transport = RedisTransport::connect(transport.config().clone().max_len(10))
+        .await
+        .unwrap();
+    let channel = unique("events");
+    for _ in 0..1000 {
+        transport
+            .publish(&channel, &Message::new("tick", b"x".to_vec()))
+            .await
+            .unwrap();
+    }
+    let mut conn = raw(transport.config()).await;
+    let len: u64 = redis::cmd("XLEN")
+        .arg(transport.stream_key(&channel))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(len < 1000 && len >= 10, "XLEN {len}");
+}
+
+/// A Redis server of this test's own, with an append-only file fsynced on
+/// every write, so that a confirmed XADD survives a SIGKILL.
+struct OwnServer {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl OwnServer {
+    fn start(port: u16, dir: std::path::PathBuf) -> Self {
+        let mut server = Self {
+            port,
+            dir,
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn until_up(url: &str) {
+    for _ in 0..100 {
+        if let Ok(client) = redis::Client::open(url)
+            && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+            && redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("redis-server at {url} did not come up");
+}
+
+/// The broker is SIGKILLed and restarted mid-stream: every message confirmed
+/// before the kill and every message published after the restart is consumed,
+/// and the consumer goes on by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_broker_loses_no_confirmed_message() {
+    if transport().await.is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(unique("saga-redis-restart"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = OwnServer::start(free_port(), dir);
+    until_up(&server.url()).await;
+    let config = config().url(server.url());
+    let transport = RedisTransport::connect(config).await.unwrap();
+    let channel = unique("orders");
+    let mut sub = transport
+        .subscribe("billing", std::slice::from_ref(&channel))
+        .await
+        .unwrap();
+    let seen: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let consumer = {
+        let seen = Arc::clone(&seen);
+        tokio::spawn(async move {
+            loop {
+                match sub.next().await {
+                    Ok(delivery) => {
+                        // Handled once received; an ack lost in the crash
+                        // means it may come again, never that it is lost.
+                        let label = String::from_utf8(delivery.message.payload.clone()).unwrap();
+                        seen.lock().unwrap().insert(label);
+                        let _ = delivery.ack().await;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+    };
+    let publish = |i: usize| {
+        let transport = transport.clone();
+        let channel = channel.clone();
+        async move {
+            let message = Message::new("tick", format!("m{i}").into_bytes());
+            for _ in 0..200 {
+                if transport.publish(&channel, &message).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("m{i} never confirmed");
+        }
+    };
+    for i in 0..100 {
+        publish(i).await;
+    }
+    server.kill();
+    server.spawn();
+    until_up(&server.url()).await;
+    for i in 100..200 {
+        publish(i).await;
+    }
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while seen.lock().unwrap().len() < 200 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    consumer.abort();
+    let seen = seen.lock().unwrap();
+    let missing: Vec<_> = (0..200)
+        .map(|i| format!("m{i}"))
+        .filter(|l| !seen.contains(l))
+        .collect();
+    assert!(missing.is_empty(), "never consumed: {missing:?}");
+}
