@@ -1,0 +1,646 @@
+//! The RabbitMQ transport.
+//!
+//! Topology, all durable and declared by the transport (`P` is
+//! [`AmqpConfig::prefix`]):
+//!
+//! | name | kind | what for |
+//! |---|---|---|
+//! | `P<channel>` | fanout exchange | every message published to the channel |
+//! | `P<channel>/<group>` | quorum queue bound to it | one group's copy; its members compete for it |
+//! | `P<channel>.dlq` | fanout exchange | dead letters of the channel (`x-dead-letter-exchange` of every group queue) |
+//! | `P<channel>.dlq` | classic queue bound to it | keeps the dead letters until an operator reads them |
+//!
+//! | contract | how |
+//! |---|---|
+//! | publish confirmed | publisher confirms; `mandatory`, so a channel no group listens on yet fails the publish (retryable) instead of dropping the message |
+//! | persistent | `delivery_mode = 2` on quorum queues |
+//! | ack after the handler | manual `basic.ack` |
+//! | nack | `basic.nack` with requeue; the quorum queue counts it (`x-delivery-count`) |
+//! | dead member, dropped delivery | RabbitMQ requeues what a closed channel held; a dropped delivery is nacked |
+//! | dead letter | published to `P<channel>.dlq` with the error, confirmed, then acked; `x-delivery-limit` backs it up for consumers that crash before they can |
+//!
+//! Headers are the CloudEvents ones of [`saga_core::wire`] as AMQP string
+//! headers; `message_id`, `type` and `content_type` are also set as AMQP
+//! properties for tools that show those.
+//!
+//! Order per ordering key: RabbitMQ dispatches one queue round-robin to its
+//! consumers, so competing members may handle two messages of one key at the
+//! same time. [`AmqpConfig::single_active_consumer`] keeps the order instead:
+//! one member of each group consumes, the others take over when it goes away.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use lapin::message::Delivery as AmqpDelivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use saga_core::transport::{Acknowledger, Capabilities, Delivery, Subscription, Transport};
+use saga_core::wire::{self, headers};
+use saga_core::{Error, Message, OutboxEntry, Result};
+use tokio::sync::{Mutex, mpsc};
+
+use crate::config::AmqpConfig;
+use crate::error::amqp;
+
+/// The header RabbitMQ's quorum queues set on a redelivered message.
+const DELIVERY_COUNT: &str = "x-delivery-count";
+
+/// Sagas over RabbitMQ. Cheap to clone; publishes share one connection.
+#[derive(Clone)]
+pub struct AmqpTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: AmqpConfig,
+    publisher: Mutex<Option<Publisher>>,
+}
+
+struct Publisher {
+    connection: Connection,
+    channel: Channel,
+    declared: HashSet<String>,
+}
+
+impl std::fmt::Debug for AmqpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpTransport")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn open(config: &AmqpConfig) -> Result<(Connection, Channel)> {
+    let connection = Connection::connect(&config.url, ConnectionProperties::default())
+        .await
+        .map_err(|e| Error::Unavailable(format!("RabbitMQ at {}: {e}", config.url)))?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(amqp("channel.open"))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(amqp("confirm.select"))?;
+    Ok((connection, channel))
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    }
+}
+
+fn durable_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Declares the exchanges of `channel` and the queue that keeps its dead letters.
+async fn declare_channel(amqp_channel: &Channel, config: &AmqpConfig, channel: &str) -> Result<()> {
+    let exchange = config.exchange(channel);
+    let dead = config.exchange(&format!("{channel}.dlq"));
+    for name in [&exchange, &dead] {
+        amqp_channel
+            .exchange_declare(
+                name.as_str().into(),
+                ExchangeKind::Fanout,
+                durable_exchange(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(topology(name))?;
+    }
+    amqp_channel
+        .queue_declare(dead.as_str().into(), durable_queue(), FieldTable::default())
+        .await
+        .map_err(topology(&dead))?;
+    amqp_channel
+        .queue_bind(
+            dead.as_str().into(),
+            dead.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(topology(&dead))?;
+    Ok(())
+}
+
+/// A declaration the broker refused names what it was declaring.
+fn topology(name: &str) -> impl FnOnce(lapin::Error) -> Error + '_ {
+    move |error| {
+        let retryable = crate::error::is_retryable(&error);
+        Error::backend(
+            format!("declaring {name:?} (does it exist with other arguments?)"),
+            retryable,
+            error,
+        )
+    }
+}
+
+fn properties(message: &Message) -> BasicProperties {
+    let mut table = FieldTable::default();
+    for (name, value) in wire::to_headers(message) {
+        table.insert(
+            ShortString::from(name),
+            AMQPValue::LongString(LongString::from(value)),
+        );
+    }
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(message.id.to_string().into())
+        .with_type(message.message_type.as_str().into())
+        .with_content_type(message.content_type.as_str().into())
+        .with_headers(table)
+}
+
+/// What a publish confirmation means for the caller.
+fn confirmed(exchange: &str, confirmation: lapin::Result<Confirmation>) -> Result<()> {
+    match confirmation.map_err(amqp("publisher confirm"))? {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(Error::Unavailable(format!(
+            "no queue is bound to exchange {exchange:?} yet (no group subscribed): not stored"
+        ))),
+        Confirmation::Nack(_) => Err(Error::Unavailable(format!(
+            "RabbitMQ refused a message for {exchange:?} (publisher nack)"
+        ))),
+        Confirmation::NotRequested => Err(Error::Config(
+            "publisher confirms are not on for this channel".into(),
+        )),
+    }
+}
+
+impl AmqpTransport {
+    /// Connects to RabbitMQ.
+    pub async fn connect(config: AmqpConfig) -> Result<Self> {
+        let (connection, channel) = open(&config).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                publisher: Mutex::new(Some(Publisher {
+                    connection,
+                    channel,
+                    declared: HashSet::new(),
+                })),
+            }),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &AmqpConfig {
+        &self.inner.config
+    }
+
+    /// A channel to publish on, with the exchanges of `channels` declared;
+    /// reconnects when the last connection broke.
+    async fn publisher(&self, channels: &[&str]) -> Result<Channel> {
+        let mut guard = self.inner.publisher.lock().await;
+        if guard
+            .as_ref()
+            .is_some_and(|p| !p.channel.status().connected() || !p.connection.status().connected())
+        {
+            *guard = None;
+        }
+        if guard.is_none() {
+            let (connection, channel) = open(&self.inner.config).await?;
+            *guard = Some(Publisher {
+                connection,
+                channel,
+                declared: HashSet::new(),
+            });
+        }
+        let publisher = guard.as_mut().expect("connected above");
+        for channel in channels {
+            if !publisher.declared.contains(*channel) {
+                declare_channel(&publisher.channel, &self.inner.config, channel).await?;
+                publisher.declared.insert((*channel).to_owned());
+            }
+        }
+        Ok(publisher.channel.clone())
+    }
+
+    async fn send(
+        amqp_channel: &Channel,
+        exchange: &str,
+        message: &Message,
+    ) -> Result<lapin::PublisherConfirm> {
+        amqp_channel
+            .basic_publish(
+                exchange.into(),
+                "".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &message.payload,
+                properties(message),
+            )
+            .await
+            .map_err(amqp("basic.publish"))
+    }
+}
+
+#[async_trait]
+impl Transport for AmqpTransport {
+    async fn publish(&self, channel: &str, message: &Message) -> Result<()> {
+        let amqp_channel = self.publisher(&[channel]).await?;
+        let exchange = self.inner.config.exchange(channel);
+        let confirm = Self::send(&amqp_channel, &exchange, message).await?;
+        confirmed(&exchange, confirm.await)
+    }
+
+    /// Sends every message, then waits for the confirms in order: one round
+    /// trip for the batch, not one per message.
+    async fn publish_batch(&self, entries: &[OutboxEntry]) -> Vec<Result<()>> {
+        let channels: Vec<&str> = entries.iter().map(|e| e.channel.as_str()).collect();
+        let amqp_channel = match self.publisher(&channels).await {
+            Ok(c) => c,
+            Err(error) => {
+                let text = error.to_string();
+                return entries
+                    .iter()
+                    .map(|_| Err(Error::Unavailable(text.clone())))
+                    .collect();
+            }
+        };
+        let mut pending = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let exchange = self.inner.config.exchange(&entry.channel);
+            let sent = Self::send(&amqp_channel, &exchange, &entry.message).await;
+            pending.push((exchange, sent));
+        }
+        let mut results = Vec::with_capacity(entries.len());
+        for (exchange, sent) in pending {
+            results.push(match sent {
+                Ok(confirm) => confirmed(&exchange, confirm.await),
+                Err(error) => Err(error),
+            });
+        }
+        results
+    }
+
+    async fn subscribe(&self, group: &str, channels: &[String]) -> Result<Box<dyn Subscription>> {
+        if channels.is_empty() {
+            return Err(Error::Config("subscribe needs at least one channel".into()));
+        }
+        let mut subscription = AmqpSubscription {
+            config: self.inner.config.clone(),
+            group: group.to_owned(),
+            channels: channels.to_vec(),
+            link: None,
+        };
+        subscription.link = Some(subscription.open().await?);
+        Ok(Box::new(subscription))
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            ordered_per_key: self.inner.config.single_active_consumer,
+            replays_history: false,
+            redelivers_unacked: true,
+        }
+    }
+}
+
+type Incoming = (usize, lapin::Result<AmqpDelivery>);
+
+struct AmqpSubscription {
+    config: AmqpConfig,
+    group: String,
+    channels: Vec<String>,
+    link: Option<Link>,
+}
+
+/// One connection consuming every queue of a subscription.
+struct Link {
+    /// Taken when the link is dropped, to close it.
+    connection: Option<Connection>,
+    channel: Channel,
+    incoming: mpsc::Receiver<Incoming>,
+    forwarders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        for forwarder in &self.forwarders {
+            forwarder.abort();
+        }
+        // Closing the connection hands what it held back to the queues.
+        if let Some(connection) = self.connection.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = connection.close(200, "subscription dropped".into()).await;
+            });
+        }
+    }
+}
+
+impl AmqpSubscription {
+    fn queue_arguments(&self, channel: &str) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        arguments.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(i32::try_from(self.config.max_deliveries).unwrap_or(i32::MAX)),
+        );
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.config.exchange(&format!("{channel}.dlq")).into()),
+        );
+        if self.config.single_active_consumer {
+            arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
+        arguments
+    }
+
+    async fn open(&self) -> Result<Link> {
+        let (connection, channel) = open(&self.config).await?;
+        channel
+            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp("basic.qos"))?;
+        let (sender, incoming) = mpsc::channel(usize::from(self.config.prefetch).max(1));
+        let mut forwarders = Vec::new();
+        let tag = format!("member-{}", uuid::Uuid::now_v7().simple());
+        for (index, name) in self.channels.iter().enumerate() {
+            declare_channel(&channel, &self.config, name).await?;
+            let queue = self.config.group_queue(name, &self.group);
+            channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    durable_queue(),
+                    self.queue_arguments(name),
+                )
+                .await
+                .map_err(topology(&queue))?;
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    self.config.exchange(name).into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(topology(&queue))?;
+            let mut consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    format!("{tag}-{index}").into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(amqp("basic.consume"))?;
+            let sender = sender.clone();
+            forwarders.push(tokio::spawn(async move {
+                while let Some(item) = consumer.next().await {
+                    let failed = item.is_err();
+                    if sender.send((index, item)).await.is_err() || failed {
+                        return;
+                    }
+                }
+            }));
+        }
+        Ok(Link {
+            connection: Some(connection),
+            channel,
+            incoming,
+            forwarders,
+        })
+    }
+
+    /// Turns a broker delivery into ours, or dead-letters what is not a message.
+    async fn accept(&self, index: usize, delivery: AmqpDelivery) -> Result<Option<Delivery>> {
+        let link = self.link.as_ref().expect("called with a link");
+        let channel = &self.channels[index];
+        let attempt = delivery_count(&delivery.properties).saturating_add(1);
+        let settle = Box::new(Settle {
+            channel: link.channel.clone(),
+            dead_exchange: self.config.exchange(&format!("{channel}.dlq")),
+            source: channel.clone(),
+            properties: delivery.properties.clone(),
+            attempt,
+            max_deliveries: self.config.max_deliveries,
+            acker: Some(delivery.acker),
+        });
+        let message = match decode(&delivery.properties, delivery.data.clone()) {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%channel, %error, "undecodable message dead-lettered");
+                settle
+                    .dead_letter_raw(&delivery.data, &error.to_string())
+                    .await?;
+                return Ok(None);
+            }
+        };
+        if attempt > self.config.max_deliveries {
+            let error = format!(
+                "delivered {attempt} times without an acknowledgement (limit {})",
+                self.config.max_deliveries
+            );
+            settle.dead_letter_raw(&delivery.data, &error).await?;
+            return Ok(None);
+        }
+        Ok(Some(Delivery::new(
+            channel.clone(),
+            message,
+            attempt,
+            Box::new(Payload {
+                settle,
+                data: delivery.data,
+            }),
+        )))
+    }
+}
+
+#[async_trait]
+impl Subscription for AmqpSubscription {
+    async fn next(&mut self) -> Result<Delivery> {
+        loop {
+            if self.link.is_none() {
+                self.link = Some(self.open().await?);
+            }
+            let link = self.link.as_mut().expect("opened above");
+            match link.incoming.recv().await {
+                Some((index, Ok(delivery))) => {
+                    if let Some(delivery) = self.accept(index, delivery).await? {
+                        return Ok(delivery);
+                    }
+                }
+                Some((_, Err(error))) => {
+                    self.link = None;
+                    return Err(amqp("consuming")(error));
+                }
+                None => {
+                    self.link = None;
+                    return Err(Error::Unavailable("the AMQP consumer stopped".into()));
+                }
+            }
+        }
+    }
+}
+
+fn delivery_count(properties: &BasicProperties) -> u32 {
+    let value = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(DELIVERY_COUNT).cloned());
+    match value {
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(n).unwrap_or(u32::MAX),
+        Some(AMQPValue::LongInt(n)) => u32::try_from(n).unwrap_or(u32::MAX),
+        Some(AMQPValue::LongUInt(n)) => n,
+        Some(AMQPValue::ShortInt(n)) => u32::try_from(n).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The message in a delivery: string headers plus the body.
+fn decode(properties: &BasicProperties, data: Vec<u8>) -> Result<Message> {
+    let mut fields = Vec::new();
+    if let Some(table) = properties.headers() {
+        for (name, value) in table {
+            let name = name.as_str();
+            if name.starts_with("x-") {
+                continue;
+            }
+            let text = match value {
+                AMQPValue::LongString(text) => String::from_utf8(text.as_bytes().to_vec())
+                    .map_err(|_| {
+                        Error::InvalidMessage(format!("header `{name}` is not UTF-8 text"))
+                    })?,
+                AMQPValue::ShortString(text) => text.as_str().to_owned(),
+                other => {
+                    return Err(Error::InvalidMessage(format!(
+                        "header `{name}` is not a string: {other:?}"
+                    )));
+                }
+            };
+            fields.push((name.to_owned(), text));
+        }
+    }
+    wire::from_headers(fields, data)
+}
+
+/// Settles one delivery on the channel it came from.
+struct Settle {
+    channel: Channel,
+    dead_exchange: String,
+    source: String,
+    properties: BasicProperties,
+    attempt: u32,
+    max_deliveries: u32,
+    /// `None` once settled.
+    acker: Option<lapin::Acker>,
+}
+
+impl Drop for Settle {
+    /// A delivery dropped unsettled goes back to the queue, as if its
+    /// consumer had died.
+    fn drop(&mut self) {
+        if let Some(acker) = self.acker.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+            });
+        }
+    }
+}
+
+impl Settle {
+    fn acker(&mut self) -> lapin::Acker {
+        self.acker.take().expect("a delivery is settled once")
+    }
+
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.acker()
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(amqp("basic.ack"))?;
+        Ok(())
+    }
+
+    /// Publishes the message as it came, with the error, to the dead-letter
+    /// exchange, waits for the confirm, then acks the original.
+    async fn dead_letter_raw(self: Box<Self>, data: &[u8], error: &str) -> Result<()> {
+        let mut table = self.properties.headers().clone().unwrap_or_default();
+        table.insert(
+            headers::DEAD_LETTER_ERROR.into(),
+            AMQPValue::LongString(error.into()),
+        );
+        table.insert(
+            headers::DEAD_LETTER_CHANNEL.into(),
+            AMQPValue::LongString(self.source.as_str().into()),
+        );
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.dead_exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                data,
+                self.properties.clone().with_headers(table),
+            )
+            .await
+            .map_err(amqp("basic.publish (dead letter)"))?;
+        confirmed(&self.dead_exchange, confirm.await)?;
+        self.ack().await
+    }
+}
+
+/// A delivery's settlement, with the body kept for a dead letter.
+struct Payload {
+    settle: Box<Settle>,
+    data: Vec<u8>,
+}
+
+#[async_trait]
+impl Acknowledger for Payload {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.settle.ack().await
+    }
+
+    async fn nack(self: Box<Self>, error: &str) -> Result<()> {
+        if self.settle.attempt >= self.settle.max_deliveries {
+            return self.dead_letter(error).await;
+        }
+        let mut settle = self.settle;
+        settle
+            .acker()
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+            .map_err(amqp("basic.nack"))?;
+        Ok(())
+    }
+
+    async fn dead_letter(self: Box<Self>, error: &str) -> Result<()> {
+        let Self { settle, data } = *self;
+        settle.dead_letter_raw(&data, error).await
+    }
+}
