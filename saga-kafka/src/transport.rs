@@ -1,0 +1,723 @@
+//! The Kafka transport.
+//!
+//! A channel is a topic (`prefix + channel`), created by the transport with
+//! [`KafkaConfig::partitions`] and [`KafkaConfig::replication`]; a group is a
+//! Kafka consumer group starting at the earliest offset. The ordering key is
+//! the record key, so one key stays in one partition, in order.
+//!
+//! | contract | how |
+//! |---|---|
+//! | publish confirmed | idempotent producer, `acks=all`; `publish` returns with the broker's acknowledgement |
+//! | ack after the handler | offsets are committed by hand, only up to the oldest delivery not yet acked in each partition |
+//! | nack, dropped delivery | the member seeks its partition back to that offset: the message and those after it come again, in order |
+//! | dead member | the group rebalances; the new owner starts at the committed offset |
+//! | dead letter | produced to `<channel>.dlq` with the error, confirmed, then acked |
+//! | attempts | counted by the member (Kafka keeps no delivery count) |
+//!
+//! Not guaranteed: the delivery count survives a rebalance. A message whose
+//! handler kills its process every time is delivered again to each new owner
+//! and never reaches the dead-letter topic by count; [`Transport::dead_letter_channel`]
+//! still takes what handlers reject.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use saga_core::transport::{Acknowledger, Capabilities, Delivery, Subscription, Transport};
+use saga_core::wire::{self, headers};
+use saga_core::{Error, Message, OutboxEntry, Result};
+use tokio::sync::mpsc;
+
+use crate::config::KafkaConfig;
+use crate::error::kafka;
+
+/// Sagas over Kafka. Cheap to clone; clones share one producer.
+#[derive(Clone)]
+pub struct KafkaTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: KafkaConfig,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    created: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for KafkaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTransport")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.brokers);
+    for (key, value) in &config.extra {
+        client.set(key, value);
+    }
+    client
+}
+
+fn millis(duration: Duration) -> String {
+    duration.as_millis().to_string()
+}
+
+impl KafkaTransport {
+    /// Connects to Kafka: builds the producer and checks that a broker answers.
+    pub async fn connect(config: KafkaConfig) -> Result<Self> {
+        let producer: FutureProducer = client_config(&config)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", millis(config.publish_timeout))
+            .create()
+            .map_err(|e| Error::Config(format!("Kafka producer: {e}")))?;
+        let admin: AdminClient<DefaultClientContext> = client_config(&config)
+            .create()
+            .map_err(|e| Error::Config(format!("Kafka admin client: {e}")))?;
+        let probe = producer.clone();
+        tokio::task::spawn_blocking(move || {
+            probe
+                .client()
+                .fetch_metadata(None, Duration::from_secs(5))
+                .map(|_| ())
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("Kafka metadata probe: {e}")))?
+        .map_err(|e| Error::Unavailable(format!("Kafka at {}: {e}", config.brokers)))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                producer,
+                admin,
+                created: Mutex::default(),
+            }),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+
+    /// The topic of `channel`.
+    pub fn topic(&self, channel: &str) -> String {
+        self.inner.config.topic(channel)
+    }
+
+    /// Creates the topics this process has not created or seen yet.
+    async fn ensure_topics(&self, topics: &[String]) -> Result<()> {
+        let missing: Vec<&String> = {
+            let created = self.inner.created.lock().unwrap();
+            let mut seen = HashSet::new();
+            topics
+                .iter()
+                .filter(|t| !created.contains(*t) && seen.insert(*t))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let config = &self.inner.config;
+        let new: Vec<NewTopic<'_>> = missing
+            .iter()
+            .map(|t| {
+                NewTopic::new(
+                    t,
+                    config.partitions,
+                    TopicReplication::Fixed(config.replication),
+                )
+            })
+            .collect();
+        let results = self
+            .inner
+            .admin
+            .create_topics(
+                &new,
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .map_err(kafka("create topics"))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    return Err(Error::backend(
+                        format!("creating topic {topic:?}"),
+                        matches!(
+                            code,
+                            RDKafkaErrorCode::RequestTimedOut
+                                | RDKafkaErrorCode::NotController
+                                | RDKafkaErrorCode::OperationTimedOut
+                        ),
+                        code.to_string(),
+                    ));
+                }
+            }
+        }
+        self.inner
+            .created
+            .lock()
+            .unwrap()
+            .extend(missing.into_iter().cloned());
+        Ok(())
+    }
+}
+
+fn record_headers(fields: impl IntoIterator<Item = (String, Vec<u8>)>) -> OwnedHeaders {
+    fields
+        .into_iter()
+        .fold(OwnedHeaders::new(), |headers, (key, value)| {
+            headers.insert(Header {
+                key: &key,
+                value: Some(&value),
+            })
+        })
+}
+
+fn message_headers(message: &Message) -> OwnedHeaders {
+    record_headers(
+        wire::to_headers(message)
+            .into_iter()
+            .map(|(k, v)| (k, v.into_bytes())),
+    )
+}
+
+#[async_trait]
+impl Transport for KafkaTransport {
+    async fn publish(&self, channel: &str, message: &Message) -> Result<()> {
+        let topic = self.topic(channel);
+        self.ensure_topics(std::slice::from_ref(&topic)).await?;
+        let mut record = FutureRecord::to(&topic)
+            .payload(&message.payload)
+            .headers(message_headers(message));
+        if let Some(key) = &message.ordering_key {
+            record = record.key(key);
+        }
+        self.inner
+            .producer
+            .send(record, Timeout::Never)
+            .await
+            .map_err(|(e, _)| kafka("produce")(e))?;
+        Ok(())
+    }
+
+    /// Queues every record, then waits for the acknowledgements in order:
+    /// the producer batches them; the idempotent producer keeps their order
+    /// per partition.
+    async fn publish_batch(&self, entries: &[OutboxEntry]) -> Vec<Result<()>> {
+        let topics: Vec<String> = entries.iter().map(|e| self.topic(&e.channel)).collect();
+        if let Err(error) = self.ensure_topics(&topics).await {
+            let text = error.to_string();
+            let retryable = error.is_retryable();
+            return entries
+                .iter()
+                .map(|_| Err(Error::backend("create topics", retryable, text.clone())))
+                .collect();
+        }
+        let mut pending = Vec::with_capacity(entries.len());
+        for (entry, topic) in entries.iter().zip(&topics) {
+            let mut record = FutureRecord::to(topic)
+                .payload(&entry.message.payload)
+                .headers(message_headers(&entry.message));
+            if let Some(key) = &entry.message.ordering_key {
+                record = record.key(key);
+            }
+            pending.push(
+                self.inner
+                    .producer
+                    .send_result(record)
+                    .map_err(|(e, _)| kafka("produce")(e)),
+            );
+        }
+        let mut results = Vec::with_capacity(entries.len());
+        for sent in pending {
+            results.push(match sent {
+                Ok(future) => match future.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(kafka("produce")(e)),
+                    Err(_) => Err(Error::Closed("the Kafka producer was dropped".into())),
+                },
+                Err(error) => Err(error),
+            });
+        }
+        results
+    }
+
+    async fn subscribe(&self, group: &str, channels: &[String]) -> Result<Box<dyn Subscription>> {
+        if channels.is_empty() {
+            return Err(Error::Config("subscribe needs at least one channel".into()));
+        }
+        let topics: Vec<String> = channels.iter().map(|c| self.topic(c)).collect();
+        let dead: Vec<String> = channels
+            .iter()
+            .map(|c| self.topic(&self.dead_letter_channel(c)))
+            .collect();
+        self.ensure_topics(&[topics.clone(), dead].concat()).await?;
+        let (joined, mut has_joined) = tokio::sync::watch::channel(false);
+        let partitions: Arc<Mutex<HashMap<(String, i32), PartitionState>>> = Arc::default();
+        let consumer: StreamConsumer<Rebalancing> = client_config(&self.inner.config)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set(
+                "session.timeout.ms",
+                millis(self.inner.config.session_timeout),
+            )
+            .set("heartbeat.interval.ms", "500")
+            .create_with_context(Rebalancing {
+                partitions: Arc::clone(&partitions),
+                joined,
+            })
+            .map_err(|e| Error::Config(format!("Kafka consumer: {e}")))?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names).map_err(kafka("subscribe"))?;
+        let shared = Arc::new(Shared {
+            transport: self.clone(),
+            consumer,
+            partitions,
+            rewinds: Mutex::default(),
+            attempts: Mutex::default(),
+        });
+        let (sender, received) = mpsc::channel(BUFFER);
+        let poller = tokio::spawn(poll(Arc::clone(&shared), sender));
+        // Return once this member is in the group, so that a member added now
+        // takes its share of what is published next.
+        if tokio::time::timeout(
+            self.inner.config.session_timeout,
+            has_joined.wait_for(|joined| *joined),
+        )
+        .await
+        .is_err()
+        {
+            tracing::warn!(
+                group,
+                "no partition assignment yet; the member joins in the background"
+            );
+        }
+        Ok(Box::new(KafkaSubscription {
+            shared,
+            channels: channels
+                .iter()
+                .map(|c| (self.topic(c), c.clone()))
+                .collect(),
+            received,
+            poller,
+        }))
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            ordered_per_key: true,
+            replays_history: true,
+            redelivers_unacked: true,
+        }
+    }
+}
+
+/// Records a member reads ahead of its handler. The poll task blocks when
+/// the buffer is full and polls again as soon as the handler takes one, so
+/// rebalances are served between any two deliveries.
+const BUFFER: usize = 256;
+
+/// What a member knows of one partition it owns.
+#[derive(Default)]
+struct PartitionState {
+    /// Whether this member owns the partition now.
+    assigned: bool,
+    /// Counts assignments and revocations, so that records read under an
+    /// earlier assignment are dropped.
+    epoch: u64,
+    /// Offsets delivered and not yet acked.
+    outstanding: BTreeSet<i64>,
+    /// One past the highest offset delivered.
+    next: i64,
+    /// The offset committed last (`None` before the first commit).
+    committed: Option<i64>,
+    /// After a seek back: the offset the partition must deliver next; records
+    /// read before the seek are dropped until it comes.
+    expect: Option<i64>,
+}
+
+/// Tracks assignments: records of a partition that was taken away are the
+/// new owner's to deliver, from the committed offset.
+struct Rebalancing {
+    partitions: Arc<Mutex<HashMap<(String, i32), PartitionState>>>,
+    joined: tokio::sync::watch::Sender<bool>,
+}
+
+impl ClientContext for Rebalancing {}
+
+impl ConsumerContext for Rebalancing {
+    fn pre_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let mut partitions = self.partitions.lock().unwrap();
+            for element in list.elements() {
+                if let Some(state) =
+                    partitions.get_mut(&(element.topic().to_owned(), element.partition()))
+                {
+                    *state = PartitionState {
+                        epoch: state.epoch + 1,
+                        ..PartitionState::default()
+                    };
+                }
+            }
+        }
+    }
+
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        if let Rebalance::Assign(list) = rebalance {
+            let mut partitions = self.partitions.lock().unwrap();
+            for element in list.elements() {
+                let state = partitions
+                    .entry((element.topic().to_owned(), element.partition()))
+                    .or_default();
+                *state = PartitionState {
+                    assigned: true,
+                    epoch: state.epoch + 1,
+                    ..PartitionState::default()
+                };
+            }
+            self.joined.send_replace(true);
+        }
+    }
+}
+
+struct Shared {
+    transport: KafkaTransport,
+    consumer: StreamConsumer<Rebalancing>,
+    partitions: Arc<Mutex<HashMap<(String, i32), PartitionState>>>,
+    /// Offsets nacked or dropped, to seek back to before the next delivery.
+    rewinds: Mutex<Vec<(String, i32, i64)>>,
+    /// Deliveries per (topic, partition, offset) by this member.
+    attempts: Mutex<HashMap<(String, i32, i64), u32>>,
+}
+
+impl Shared {
+    /// Marks an offset acked and commits as far as every older one is.
+    fn acked(&self, topic: &str, partition: i32, offset: i64) -> Result<()> {
+        self.attempts
+            .lock()
+            .unwrap()
+            .remove(&(topic.to_owned(), partition, offset));
+        let position = {
+            let mut partitions = self.partitions.lock().unwrap();
+            let Some(state) = partitions
+                .get_mut(&(topic.to_owned(), partition))
+                .filter(|s| s.assigned)
+            else {
+                // Revoked meanwhile: the new owner delivers it again.
+                return Ok(());
+            };
+            state.outstanding.remove(&offset);
+            let position = state.outstanding.first().copied().unwrap_or(state.next);
+            if state.committed.is_some_and(|c| position <= c) {
+                return Ok(());
+            }
+            state.committed = Some(position);
+            position
+        };
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(topic, partition, Offset::Offset(position))
+            .map_err(kafka("commit"))?;
+        self.consumer
+            .commit(&list, CommitMode::Async)
+            .map_err(kafka("commit"))
+    }
+}
+
+/// One record as read, owned.
+struct Record {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    epoch: u64,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Polls the consumer for as long as the subscription lives: this serves
+/// the group's heartbeats and rebalances too.
+async fn poll(shared: Arc<Shared>, sender: mpsc::Sender<Result<Record>>) {
+    loop {
+        let read = match shared.consumer.recv().await {
+            Ok(message) => {
+                let topic = message.topic().to_owned();
+                let partition = message.partition();
+                let epoch = shared
+                    .partitions
+                    .lock()
+                    .unwrap()
+                    .get(&(topic.clone(), partition))
+                    .map_or(0, |p| p.epoch);
+                Ok(Record {
+                    offset: message.offset(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: message.payload().unwrap_or_default().to_vec(),
+                    headers: message
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    topic,
+                    partition,
+                    epoch,
+                })
+            }
+            Err(error) => Err(kafka("consume")(error)),
+        };
+        let failed = read.is_err();
+        if sender.send(read).await.is_err() {
+            return;
+        }
+        if failed {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+struct KafkaSubscription {
+    shared: Arc<Shared>,
+    /// topic → channel
+    channels: HashMap<String, String>,
+    received: mpsc::Receiver<Result<Record>>,
+    poller: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for KafkaSubscription {
+    fn drop(&mut self) {
+        self.poller.abort();
+    }
+}
+
+impl KafkaSubscription {
+    /// Seeks each partition with a nacked or dropped delivery back to the
+    /// oldest such offset.
+    async fn rewind(&self) -> Result<()> {
+        let rewinds = std::mem::take(&mut *self.shared.rewinds.lock().unwrap());
+        if rewinds.is_empty() {
+            return Ok(());
+        }
+        let mut oldest: HashMap<(String, i32), i64> = HashMap::new();
+        for (topic, partition, offset) in rewinds {
+            let at = oldest.entry((topic, partition)).or_insert(offset);
+            *at = (*at).min(offset);
+        }
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || {
+            for ((topic, partition), offset) in oldest {
+                {
+                    let mut partitions = shared.partitions.lock().unwrap();
+                    let Some(state) = partitions
+                        .get_mut(&(topic.clone(), partition))
+                        .filter(|s| s.assigned)
+                    else {
+                        continue;
+                    };
+                    state.expect = Some(state.expect.map_or(offset, |e| e.min(offset)));
+                }
+                if let Err(error) = shared.consumer.seek(
+                    &topic,
+                    partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(5),
+                ) {
+                    tracing::warn!(%topic, partition, offset, %error, "seek back failed; the message comes again after a rebalance");
+                }
+            }
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("seek: {e}")))
+    }
+
+    /// Registers a record as delivered; `None` for a record read under an
+    /// earlier assignment or before a seek back.
+    fn admit(&self, record: &Record) -> Option<u32> {
+        {
+            let mut partitions = self.shared.partitions.lock().unwrap();
+            let state = partitions.get_mut(&(record.topic.clone(), record.partition))?;
+            if !state.assigned || state.epoch != record.epoch {
+                return None;
+            }
+            match state.expect {
+                Some(expected) if record.offset != expected => return None,
+                Some(_) => state.expect = None,
+                None => {}
+            }
+            state.outstanding.insert(record.offset);
+            state.next = state.next.max(record.offset + 1);
+        }
+        let mut attempts = self.shared.attempts.lock().unwrap();
+        let count = attempts
+            .entry((record.topic.clone(), record.partition, record.offset))
+            .or_insert(0);
+        *count += 1;
+        Some(*count)
+    }
+}
+
+#[async_trait]
+impl Subscription for KafkaSubscription {
+    async fn next(&mut self) -> Result<Delivery> {
+        loop {
+            self.rewind().await?;
+            let record = self
+                .received
+                .recv()
+                .await
+                .ok_or_else(|| Error::Closed("the Kafka poll task ended".into()))??;
+            let Some(attempt) = self.admit(&record) else {
+                continue;
+            };
+            let channel = self
+                .channels
+                .get(&record.topic)
+                .cloned()
+                .unwrap_or_else(|| record.topic.clone());
+            let settle = Settle {
+                shared: Arc::clone(&self.shared),
+                channel: channel.clone(),
+                topic: record.topic,
+                partition: record.partition,
+                offset: record.offset,
+                attempt,
+                key: record.key,
+                raw_headers: record.headers,
+                payload: record.payload,
+                settled: false,
+            };
+            let max = self.shared.transport.config().max_deliveries;
+            if attempt > max {
+                let error =
+                    format!("delivered {attempt} times without an acknowledgement (limit {max})");
+                Box::new(settle).dead_letter(&error).await?;
+                continue;
+            }
+            match decode(&settle.raw_headers, settle.payload.clone()) {
+                Ok(message) => {
+                    return Ok(Delivery::new(channel, message, attempt, Box::new(settle)));
+                }
+                Err(error) => {
+                    tracing::warn!(%channel, offset = settle.offset, %error, "undecodable record dead-lettered");
+                    Box::new(settle).dead_letter(&error.to_string()).await?;
+                }
+            }
+        }
+    }
+}
+
+fn decode(raw_headers: &[(String, Vec<u8>)], payload: Vec<u8>) -> Result<Message> {
+    let mut fields = Vec::with_capacity(raw_headers.len());
+    for (name, value) in raw_headers {
+        let text = String::from_utf8(value.clone())
+            .map_err(|_| Error::InvalidMessage(format!("header `{name}` is not UTF-8 text")))?;
+        fields.push((name.as_str(), text));
+    }
+    wire::from_headers(fields, payload)
+}
+
+/// Settles one record.
+struct Settle {
+    shared: Arc<Shared>,
+    channel: String,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    attempt: u32,
+    key: Option<Vec<u8>>,
+    raw_headers: Vec<(String, Vec<u8>)>,
+    payload: Vec<u8>,
+    settled: bool,
+}
+
+impl Settle {
+    fn rewind(&self) {
+        self.shared
+            .rewinds
+            .lock()
+            .unwrap()
+            .push((self.topic.clone(), self.partition, self.offset));
+    }
+}
+
+impl Drop for Settle {
+    /// A delivery dropped unsettled is delivered again, as if its consumer had died.
+    fn drop(&mut self) {
+        if !self.settled {
+            self.rewind();
+        }
+    }
+}
+
+#[async_trait]
+impl Acknowledger for Settle {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.settled = true;
+        self.shared.acked(&self.topic, self.partition, self.offset)
+    }
+
+    async fn nack(mut self: Box<Self>, error: &str) -> Result<()> {
+        if self.attempt >= self.shared.transport.config().max_deliveries {
+            return self.dead_letter(error).await;
+        }
+        self.settled = true;
+        self.rewind();
+        Ok(())
+    }
+
+    async fn dead_letter(mut self: Box<Self>, error: &str) -> Result<()> {
+        let transport = &self.shared.transport;
+        let topic = transport.topic(&transport.dead_letter_channel(&self.channel));
+        let mut fields: Vec<(String, Vec<u8>)> = self
+            .raw_headers
+            .iter()
+            .filter(|(k, _)| k != headers::DEAD_LETTER_ERROR && k != headers::DEAD_LETTER_CHANNEL)
+            .cloned()
+            .collect();
+        fields.push((headers::DEAD_LETTER_ERROR.into(), error.as_bytes().to_vec()));
+        fields.push((
+            headers::DEAD_LETTER_CHANNEL.into(),
+            self.channel.as_bytes().to_vec(),
+        ));
+        let mut record = FutureRecord::to(&topic)
+            .payload(&self.payload)
+            .headers(record_headers(fields));
+        if let Some(key) = &self.key {
+            record = record.key(key);
+        }
+        transport
+            .inner
+            .producer
+            .send(record, Timeout::Never)
+            .await
+            .map_err(|(e, _)| kafka("produce (dead letter)")(e))?;
+        self.settled = true;
+        self.shared.acked(&self.topic, self.partition, self.offset)
+    }
+}

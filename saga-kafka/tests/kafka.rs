@@ -1,0 +1,173 @@
+//! saga-kafka against a real Kafka-compatible broker (`KAFKA_BROKERS`,
+//! default 127.0.0.1:9092).
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use saga_core::testing::{PATIENCE, unavailable, unique};
+use saga_core::wire::headers;
+use saga_core::{Message, Transport};
+use saga_kafka::{KafkaConfig, KafkaTransport};
+
+fn config() -> KafkaConfig {
+    KafkaConfig::from_env()
+        .prefix(format!("{}.", unique("test")))
+        .partitions(4)
+}
+
+async fn transport() -> Option<KafkaTransport> {
+    match KafkaTransport::connect(config()).await {
+        Ok(transport) => Some(transport),
+        Err(e) => unavailable("Kafka", e),
+    }
+}
+
+mod transport_suite {
+    saga_core::transport_conformance!(super::transport);
+}
+
+/// Raw record headers, and what the dead letter's error must name.
+type Malformed<'a> = (Vec<(&'a str, &'a [u8])>, &'a str);
+
+fn raw_producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap()
+}
+
+/// Records that are not our messages (bad id, a header that is not UTF-8,
+/// no type) go to the dead-letter topic with the reason; the good one still
+/// arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_records_are_dead_lettered_with_the_reason() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    let channel = unique("orders");
+    let mut sub = transport
+        .subscribe("billing", std::slice::from_ref(&channel))
+        .await
+        .unwrap();
+    let producer = raw_producer(&transport.config().brokers);
+    let good = Message::new("order.placed", b"{}".to_vec()).with_ordering_key("k");
+    let good_id = good.id.to_string();
+    let malformed: [Malformed; 3] = [
+        (vec![("ce_id", b"not-a-uuid"), ("ce_type", b"x")], "ce_id"),
+        (
+            vec![("ce_id", good_id.as_bytes()), ("ce_type", &[0xff, 0xfe])],
+            "UTF-8",
+        ),
+        (vec![("ce_id", good_id.as_bytes())], "ce_type"),
+    ];
+    let topic = transport.topic(&channel);
+    for (fields, _) in &malformed {
+        let headers = fields.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(*v),
+            })
+        });
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key("k")
+                    .payload("{}")
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    transport.publish(&channel, &good).await.unwrap();
+    let delivery = tokio::time::timeout(PATIENCE, sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.message.id, good.id, "the good message still flows");
+    delivery.ack().await.unwrap();
+
+    let dead = read_with_python(
+        &transport.config().brokers,
+        &transport.topic(&transport.dead_letter_channel(&channel)),
+        malformed.len(),
+    )
+    .await;
+    for (record, (_, names)) in dead.iter().zip(&malformed) {
+        let error = record["headers"][headers::DEAD_LETTER_ERROR]
+            .as_str()
+            .unwrap();
+        assert!(error.contains(names), "{error:?} names {names}");
+        assert_eq!(record["headers"][headers::DEAD_LETTER_CHANNEL], channel);
+    }
+}
+
+/// Reads `count` records of `topic` from the beginning with Python's
+/// confluent-kafka (not our code): one JSON object per record with its
+/// headers (as text, lossy), key and value, in partition and offset order.
+async fn read_with_python(brokers: &str, topic: &str, count: usize) -> Vec<serde_json::Value> {
+    let script = r#"
+import json, sys, uuid
+from confluent_kafka import Consumer
+consumer = Consumer({"bootstrap.servers": sys.argv[1], "group.id": "interop-" + uuid.uuid4().hex,
+                     "auto.offset.reset": "earliest", "enable.auto.commit": False})
+consumer.subscribe([sys.argv[2]])
+records = []
+for _ in range(400):
+    if len(records) == int(sys.argv[3]):
+        break
+    m = consumer.poll(0.1)
+    if m is None or m.error():
+        continue
+    text = lambda b: None if b is None else b.decode("utf-8", "replace")
+    records.append({"headers": {k: text(v) for k, v in (m.headers() or [])},
+                    "key": text(m.key()), "value": text(m.value()), "offset": m.offset(),
+                    "partition": m.partition()})
+consumer.close()
+records.sort(key=lambda r: (r["partition"], r["offset"]))
+for r in records:
+    print(json.dumps(r))
+"#;
+    let output = tokio::process::Command::new("python3")
+        .args(["-c", script, brokers, topic, &count.to_string()])
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "confluent-kafka failed (scripts/services tools installs it): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let records: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), count, "records read from {topic}");
+    records
+}
+
+/// Python's confluent-kafka, not our code, reads a published record: id,
+/// type, key and payload from the documented headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confluent_kafka_reads_a_published_message() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    let channel = unique("orders");
+    let sent = Message::json("order.placed", &serde_json::json!({"order": 7}))
+        .unwrap()
+        .with_ordering_key("order-7");
+    transport.publish(&channel, &sent).await.unwrap();
+    let records =
+        read_with_python(&transport.config().brokers, &transport.topic(&channel), 1).await;
+    let record = &records[0];
+    assert_eq!(record["headers"]["ce_id"], sent.id.to_string());
+    assert_eq!(record["headers"]["ce_type"], "order.placed");
+    assert_eq!(record["headers"]["ce_specversion"], "1.0");
+    assert_eq!(record["headers"]["content-type"], "application/json");
+    assert_eq!(record["key"], "order-7");
+    assert_eq!(record["value"], r#"{"order":7}"#);
+}
