@@ -7,6 +7,11 @@
 //! exits non-zero if either ends differently.
 //!
 //! Run: `cargo run --example quickstart`
+//!
+//! The same code on a real broker, chosen by configuration alone (addresses
+//! from `KAFKA_BROKERS`, `AMQP_URL`, `REDIS_URL`):
+//! `cargo run --example quickstart --features kafka -- --transport kafka`
+//! (or `amqp`, `redis`). Each run uses topics, queues or streams of its own.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -152,8 +157,50 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The transport named by `--transport` (default `memory`).
+async fn transport() -> saga::Result<Arc<dyn Transport>> {
+    let args: Vec<String> = std::env::args().collect();
+    let name = match args.iter().position(|a| a == "--transport") {
+        Some(at) => args.get(at + 1).map_or("", String::as_str),
+        None => "memory",
+    };
+    // Names of this run's own, so that runs never see each other's messages.
+    #[cfg_attr(
+        not(any(feature = "kafka", feature = "amqp", feature = "redis")),
+        allow(unused_variables)
+    )]
+    let prefix = format!("quickstart-{}.", saga::MessageId::new());
+    Ok(match name {
+        "memory" => Arc::new(MemoryTransport::default()),
+        #[cfg(feature = "kafka")]
+        "kafka" => Arc::new(
+            saga::kafka::KafkaTransport::connect(
+                saga::kafka::KafkaConfig::from_env().prefix(prefix),
+            )
+            .await?,
+        ),
+        #[cfg(feature = "amqp")]
+        "amqp" => Arc::new(
+            saga::amqp::AmqpTransport::connect(saga::amqp::AmqpConfig::from_env().prefix(prefix))
+                .await?,
+        ),
+        #[cfg(feature = "redis")]
+        "redis" => Arc::new(
+            saga::redis::RedisTransport::connect(
+                saga::redis::RedisConfig::from_env().prefix(prefix),
+            )
+            .await?,
+        ),
+        other => {
+            return Err(saga::Error::Config(format!(
+                "unknown transport {other:?}: use memory, or kafka, amqp, redis with the cargo feature of that name"
+            )));
+        }
+    })
+}
+
 async fn run() -> saga::Result<bool> {
-    let transport: Arc<dyn Transport> = Arc::new(MemoryTransport::default());
+    let transport = transport().await?;
     let (orders, stock, payment) = (MemoryStore::new(), MemoryStore::new(), MemoryStore::new());
 
     // Initial business data, committed like any other write.
@@ -230,9 +277,9 @@ async fn run() -> saga::Result<bool> {
         let id = orchestrator.start(&mut tx, "place-order", &order).await?;
         orders.commit(tx).await?;
 
-        let state = tokio::time::timeout(Duration::from_secs(10), wait_for_end(&orchestrator, id))
+        let state = tokio::time::timeout(Duration::from_secs(30), wait_for_end(&orchestrator, id))
             .await
-            .map_err(|_| saga::Error::Timeout(format!("saga {id} did not end within 10 s")))??;
+            .map_err(|_| saga::Error::Timeout(format!("saga {id} did not end within 30 s")))??;
         let view = orchestrator.saga(id).await?.expect("the saga exists");
         println!(
             "{} for {customer}: {} (expected {})",

@@ -8,11 +8,14 @@
 //! - [`outbox`] (`saga-outbox`): the relay from any outbox store to any transport.
 //!
 //! - [`sql`] (`saga-sqlx`, features `postgres` and `sqlite`): the PostgreSQL
-//!   and SQLite stores.
+//!   and SQLite stores;
+//! - [`kafka`] (`saga-kafka`, feature `kafka`): the Kafka transport;
+//! - [`amqp`] (`saga-amqp`, feature `amqp`): the RabbitMQ transport;
+//! - [`redis`] (`saga-redis`, feature `redis`): the Redis Streams transport
+//!   and a Redis idempotency store.
 //!
 //! Everything of `saga-core` is also available at the root (`saga::Orchestrator`).
-//! Not implemented yet: the broker transports `saga-kafka`, `saga-amqp`,
-//! `saga-redis` (features `kafka`, `amqp`, `redis`).
+//! A backend you do not enable is not compiled.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -29,9 +32,18 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "amqp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
+pub use saga_amqp as amqp;
 pub use saga_core as core;
 pub use saga_core::*;
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+pub use saga_kafka as kafka;
 pub use saga_outbox as outbox;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use saga_redis as redis;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
 pub use saga_sqlx as sql;
