@@ -21,6 +21,14 @@
 //! | anything else | [`Message::headers`] | free headers, as they are |
 //!
 //! The saga engine adds free headers of its own, named in [`headers`].
+//!
+//! Where the transports put it:
+//!
+//! | transport | headers | payload | ordering key |
+//! |---|---|---|---|
+//! | Kafka (`saga-kafka`) | record headers | record value | record key |
+//! | RabbitMQ (`saga-amqp`) | AMQP headers (also `message_id`, `type`, `content_type` properties) | body | header only |
+//! | Redis Streams (`saga-redis`) | one entry field per header | field `data` | field only |
 
 use chrono::{DateTime, SecondsFormat, Utc};
 

@@ -1,0 +1,180 @@
+//! The Kafka-compatible broker SIGKILLed and restarted under a running
+//! publisher and consumer.
+//!
+//! The test starts a broker of its own (nisshi, `NISSHI_BIN`, built by
+//! `scripts/services kafka`) on a free port, storing in a fresh PostgreSQL
+//! database (`NISSHI_STORAGE_URL`, default postgres://postgres@127.0.0.1:5432),
+//! so that what the broker confirmed survives the kill.
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use saga_core::testing::{PATIENCE, unavailable, unique};
+use saga_core::{Message, Transport};
+use saga_kafka::{KafkaConfig, KafkaTransport};
+
+struct Broker {
+    bin: String,
+    port: u16,
+    storage: String,
+    child: Option<Child>,
+}
+
+impl Broker {
+    fn spawn(&mut self) {
+        let listener = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(&self.bin)
+            .args(["broker", "--listener-url", &listener])
+            .args(["--advertised-listener-url", &listener])
+            .args(["--storage-engine", &self.storage])
+            .args(["--group-initial-rebalance-delay", "0s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nisshi starts");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    async fn until_up(&self) {
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("nisshi on port {} did not come up", self.port);
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A fresh database for the broker's storage, or why there is none.
+fn storage() -> Result<String, String> {
+    let server = std::env::var("NISSHI_STORAGE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let database = unique("nisshi").replace('-', "_");
+    let created = Command::new("psql")
+        .arg(format!("{server}/postgres"))
+        .args(["-qXc", &format!("CREATE DATABASE {database}")])
+        .output()
+        .map_err(|e| format!("psql: {e}"))?;
+    if !created.status.success() {
+        return Err(String::from_utf8_lossy(&created.stderr).into_owned());
+    }
+    Ok(format!("{server}/{database}"))
+}
+
+/// Every message confirmed before the SIGKILL and every message published
+/// after the restart is consumed; producer and consumer go on by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_broker_loses_no_confirmed_message() {
+    let Some(bin) = std::env::var("NISSHI_BIN")
+        .ok()
+        .filter(|b| std::path::Path::new(b).exists())
+        .or_else(|| unavailable("the nisshi broker binary (NISSHI_BIN)", "not found"))
+    else {
+        return;
+    };
+    let Some(storage) = storage().map_or_else(
+        |e| unavailable("PostgreSQL for the broker's storage", e),
+        Some,
+    ) else {
+        return;
+    };
+    let mut broker = Broker {
+        bin,
+        port: free_port(),
+        storage,
+        child: None,
+    };
+    broker.spawn();
+    broker.until_up().await;
+    let config = KafkaConfig::default()
+        .brokers(format!("127.0.0.1:{}", broker.port))
+        .prefix(format!("{}.", unique("restart")))
+        .partitions(2);
+    let transport = KafkaTransport::connect(config).await.unwrap();
+    let channel = unique("orders");
+    let mut sub = transport
+        .subscribe("billing", std::slice::from_ref(&channel))
+        .await
+        .unwrap();
+    let seen: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let consumer = {
+        let seen = Arc::clone(&seen);
+        tokio::spawn(async move {
+            loop {
+                match sub.next().await {
+                    Ok(delivery) => {
+                        let label = String::from_utf8(delivery.message.payload.clone()).unwrap();
+                        seen.lock().unwrap().insert(label);
+                        let _ = delivery.ack().await;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        })
+    };
+    let publish = |i: usize| {
+        let transport = transport.clone();
+        let channel = channel.clone();
+        async move {
+            let message = Message::new("tick", format!("m{i}").into_bytes())
+                .with_ordering_key(format!("k{}", i % 7));
+            for _ in 0..20 {
+                if transport.publish(&channel, &message).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            panic!("m{i} never confirmed");
+        }
+    };
+    for i in 0..200 {
+        publish(i).await;
+    }
+    let before = seen.lock().unwrap().len();
+    broker.kill();
+    broker.spawn();
+    broker.until_up().await;
+    for i in 200..400 {
+        publish(i).await;
+    }
+    let deadline = tokio::time::Instant::now() + PATIENCE * 3;
+    while seen.lock().unwrap().len() < 400 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    consumer.abort();
+    let seen = seen.lock().unwrap();
+    let missing: Vec<_> = (0..400)
+        .map(|i| format!("m{i}"))
+        .filter(|l| !seen.contains(l))
+        .collect();
+    assert!(before < 200, "the kill came after everything was consumed");
+    assert!(missing.is_empty(), "never consumed: {missing:?}");
+}
