@@ -18,8 +18,55 @@ use saga_kafka::{KafkaConfig, KafkaTransport};
 struct Broker {
     bin: String,
     port: u16,
-    storage: String,
+    storage: Storage,
     child: Option<Child>,
+}
+
+/// A database of the test's own; dropped with it.
+struct Storage {
+    server: String,
+    database: String,
+}
+
+impl Storage {
+    /// Creates a fresh database, or says why it cannot.
+    fn create() -> Result<Self, String> {
+        let server = std::env::var("NISSHI_STORAGE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let storage = Self {
+            server,
+            database: unique("nisshi").replace('-', "_"),
+        };
+        storage.psql(&format!("CREATE DATABASE {}", storage.database))?;
+        Ok(storage)
+    }
+
+    fn psql(&self, sql: &str) -> Result<(), String> {
+        let output = Command::new("psql")
+            .arg(format!("{}/postgres", self.server))
+            .args(["-qXc", sql])
+            .output()
+            .map_err(|e| format!("psql: {e}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    }
+
+    fn url(&self) -> String {
+        // Our PostgreSQL's certificate is self-signed: the broker would refuse it.
+        format!("{}/{}?sslmode=disable", self.server, self.database)
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        let _ = self.psql(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.database
+        ));
+    }
 }
 
 impl Broker {
@@ -28,10 +75,10 @@ impl Broker {
         let child = Command::new(&self.bin)
             .args(["broker", "--listener-url", &listener])
             .args(["--advertised-listener-url", &listener])
-            .args(["--storage-engine", &self.storage])
+            .args(["--storage-engine", &self.storage.url()])
             .args(["--group-initial-rebalance-delay", "0s"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .spawn()
             .expect("nisshi starts");
         self.child = Some(child);
@@ -72,22 +119,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A fresh database for the broker's storage, or why there is none.
-fn storage() -> Result<String, String> {
-    let server = std::env::var("NISSHI_STORAGE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let database = unique("nisshi").replace('-', "_");
-    let created = Command::new("psql")
-        .arg(format!("{server}/postgres"))
-        .args(["-qXc", &format!("CREATE DATABASE {database}")])
-        .output()
-        .map_err(|e| format!("psql: {e}"))?;
-    if !created.status.success() {
-        return Err(String::from_utf8_lossy(&created.stderr).into_owned());
-    }
-    Ok(format!("{server}/{database}"))
-}
-
 /// Every message confirmed before the SIGKILL and every message published
 /// after the restart is consumed; producer and consumer go on by themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,7 +130,7 @@ async fn a_restarted_broker_loses_no_confirmed_message() {
     else {
         return;
     };
-    let Some(storage) = storage().map_or_else(
+    let Some(storage) = Storage::create().map_or_else(
         |e| unavailable("PostgreSQL for the broker's storage", e),
         Some,
     ) else {
