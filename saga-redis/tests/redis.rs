@@ -1,7 +1,5 @@
 //! saga-redis against a real Redis (`REDIS_URL`, default redis://127.0.0.1:6379).
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::streams::StreamRangeReply;
@@ -272,9 +270,8 @@ async fn until_up(url: &str) {
     panic!("redis-server at {url} did not come up");
 }
 
-/// The broker is SIGKILLed and restarted mid-stream: every message confirmed
-/// before the kill and every message published after the restart is consumed,
-/// and the consumer goes on by itself.
+/// The broker is SIGKILLed and restarted mid-stream: nothing confirmed is
+/// lost and the consumer goes on by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_broker_loses_no_confirmed_message() {
     if transport().await.is_none() {
@@ -282,65 +279,19 @@ async fn a_restarted_broker_loses_no_confirmed_message() {
     }
     let dir = std::env::temp_dir().join(unique("saga-redis-restart"));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut server = OwnServer::start(free_port(), dir);
-    until_up(&server.url()).await;
-    let config = config().url(server.url());
-    let transport = RedisTransport::connect(config).await.unwrap();
-    let channel = unique("orders");
-    let mut sub = transport
-        .subscribe("billing", std::slice::from_ref(&channel))
+    let server = std::sync::Mutex::new(OwnServer::start(free_port(), dir));
+    let url = server.lock().unwrap().url();
+    until_up(&url).await;
+    let subject = RedisTransport::connect(config().url(url.clone()))
         .await
         .unwrap();
-    let seen: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let consumer = {
-        let seen = Arc::clone(&seen);
-        tokio::spawn(async move {
-            loop {
-                match sub.next().await {
-                    Ok(delivery) => {
-                        // Handled once received; an ack lost in the crash
-                        // means it may come again, never that it is lost.
-                        let label = String::from_utf8(delivery.message.payload.clone()).unwrap();
-                        seen.lock().unwrap().insert(label);
-                        let _ = delivery.ack().await;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        })
-    };
-    let publish = |i: usize| {
-        let transport = transport.clone();
-        let channel = channel.clone();
-        async move {
-            let message = Message::new("tick", format!("m{i}").into_bytes());
-            for _ in 0..200 {
-                if transport.publish(&channel, &message).await.is_ok() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            panic!("m{i} never confirmed");
+    saga_core::testing::transport::messages_survive_a_broker_restart(subject, || async {
+        {
+            let mut server = server.lock().unwrap();
+            server.kill();
+            server.spawn();
         }
-    };
-    for i in 0..100 {
-        publish(i).await;
-    }
-    server.kill();
-    server.spawn();
-    until_up(&server.url()).await;
-    for i in 100..200 {
-        publish(i).await;
-    }
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while seen.lock().unwrap().len() < 200 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    consumer.abort();
-    let seen = seen.lock().unwrap();
-    let missing: Vec<_> = (0..200)
-        .map(|i| format!("m{i}"))
-        .filter(|l| !seen.contains(l))
-        .collect();
-    assert!(missing.is_empty(), "never consumed: {missing:?}");
+        until_up(&url).await;
+    })
+    .await;
 }

@@ -373,3 +373,78 @@ pub async fn late_group_receives_history<T: Transport>(transport: T) {
     assert_eq!(delivery.message.id, sent.id);
     delivery.ack().await.unwrap();
 }
+
+/// The broker restarts mid-stream: every message confirmed before `restart`
+/// and every message published after it is consumed, and the subscription
+/// goes on by itself.
+///
+/// Not in [`crate::transport_conformance!`]: `restart` stops and starts the
+/// real broker (it returns once the broker accepts connections again), so a
+/// backend calls this from a test binary of its own.
+pub async fn messages_survive_a_broker_restart<T, F, Fut>(transport: T, restart: F)
+where
+    T: Transport,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    const EACH_SIDE: usize = 200;
+    let channel = unique("events");
+    let mut sub = subscribe(&transport, &unique("group"), &channel).await;
+    let seen: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let consumer = {
+        let seen = Arc::clone(&seen);
+        tokio::spawn(async move {
+            loop {
+                match sub.next().await {
+                    Ok(delivery) => {
+                        // Handled once received: an ack lost in the restart
+                        // means it may come again, never that it is lost.
+                        seen.lock().unwrap().insert(label(&delivery));
+                        let _ = delivery.ack().await;
+                        // Slow enough that the restart finds work in flight.
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+    };
+    let publish = |i: usize| {
+        let message = keyed(&format!("k{}", i % 7), &format!("m{i}"));
+        let transport = &transport;
+        let channel = &channel;
+        async move {
+            let give_up = tokio::time::Instant::now() + PATIENCE * 3;
+            while let Err(error) = transport.publish(channel, &message).await {
+                assert!(
+                    tokio::time::Instant::now() < give_up,
+                    "m{i} never confirmed: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    for i in 0..EACH_SIDE {
+        publish(i).await;
+    }
+    let before = seen.lock().unwrap().len();
+    restart().await;
+    for i in EACH_SIDE..2 * EACH_SIDE {
+        publish(i).await;
+    }
+    let deadline = tokio::time::Instant::now() + PATIENCE * 3;
+    while seen.lock().unwrap().len() < 2 * EACH_SIDE && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    consumer.abort();
+    let seen = seen.lock().unwrap();
+    let missing: Vec<String> = (0..2 * EACH_SIDE)
+        .map(|i| format!("m{i}"))
+        .filter(|l| !seen.contains(l))
+        .collect();
+    assert!(
+        before < EACH_SIDE,
+        "the restart came after everything was consumed: nothing was in flight"
+    );
+    assert!(missing.is_empty(), "never consumed: {missing:?}");
+}
