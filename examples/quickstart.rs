@@ -18,13 +18,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use saga::memory::{MemoryStore, MemoryTransport, MemoryTx};
+use saga::memory::{MemoryStore, MemoryTx};
 use saga::outbox::{Relay, RelayConfig};
 use saga::{
     CommandHandler, Message, Orchestrator, OrchestratorConfig, Participant, Reply, SagaDefinition,
-    SagaId, SagaState, SagaStep, StepContext, StepError, StepOutcome, Transactional, Transport,
+    SagaId, SagaState, SagaStep, StepContext, StepError, StepOutcome, Transactional,
 };
 use serde::{Deserialize, Serialize};
+
+#[path = "support/transport.rs"]
+mod transport;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Order {
@@ -157,50 +160,8 @@ async fn main() -> ExitCode {
     }
 }
 
-/// The transport named by `--transport` (default `memory`).
-async fn transport() -> saga::Result<Arc<dyn Transport>> {
-    let args: Vec<String> = std::env::args().collect();
-    let name = match args.iter().position(|a| a == "--transport") {
-        Some(at) => args.get(at + 1).map_or("", String::as_str),
-        None => "memory",
-    };
-    // Names of this run's own, so that runs never see each other's messages.
-    #[cfg_attr(
-        not(any(feature = "kafka", feature = "amqp", feature = "redis")),
-        allow(unused_variables)
-    )]
-    let prefix = format!("quickstart-{}.", saga::MessageId::new());
-    Ok(match name {
-        "memory" => Arc::new(MemoryTransport::default()),
-        #[cfg(feature = "kafka")]
-        "kafka" => Arc::new(
-            saga::kafka::KafkaTransport::connect(
-                saga::kafka::KafkaConfig::from_env().prefix(prefix),
-            )
-            .await?,
-        ),
-        #[cfg(feature = "amqp")]
-        "amqp" => Arc::new(
-            saga::amqp::AmqpTransport::connect(saga::amqp::AmqpConfig::from_env().prefix(prefix))
-                .await?,
-        ),
-        #[cfg(feature = "redis")]
-        "redis" => Arc::new(
-            saga::redis::RedisTransport::connect(
-                saga::redis::RedisConfig::from_env().prefix(prefix),
-            )
-            .await?,
-        ),
-        other => {
-            return Err(saga::Error::Config(format!(
-                "unknown transport {other:?}: use memory, or kafka, amqp, redis with the cargo feature of that name"
-            )));
-        }
-    })
-}
-
 async fn run() -> saga::Result<bool> {
-    let transport = transport().await?;
+    let transport = transport::connect(&transport::chosen()).await?;
     let (orders, stock, payment) = (MemoryStore::new(), MemoryStore::new(), MemoryStore::new());
 
     // Initial business data, committed like any other write.

@@ -106,7 +106,7 @@ pub use reply::Reply;
 pub use retry::RetryPolicy;
 pub use saga::{
     Orchestrator, OrchestratorConfig, Phase, SagaDefinition, SagaInstance, SagaState, SagaStep,
-    SagaView, StartOptions, StepConfig, StepContext, StepOutcome,
+    SagaView, StartOptions, StepConfig, StepContext, StepEvent, StepOutcome, StepStatus,
 };
 pub use store::{IdempotencyStore, OutboxStore, SagaStore, Store, Transactional};
 pub use transport::{Acknowledger, Capabilities, Delivery, Subscription, Transport};

@@ -1,0 +1,432 @@
+//! The scenarios the demo (and the test) runs, each checking what the
+//! databases hold afterwards.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use saga::{Message, OutboxEntry, Subscription, Transport, transport::Capabilities};
+
+use crate::shop::{Cents, Item, OrderView, Shop, ShopConfig};
+
+/// How long a scenario waits for its orders to end.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// One row of the result table.
+pub(crate) struct Outcome {
+    pub(crate) scenario: &'static str,
+    pub(crate) expected: String,
+    pub(crate) got: String,
+    pub(crate) ok: bool,
+    pub(crate) elapsed: Duration,
+}
+
+fn item(product_id: &str, quantity: i64) -> Item {
+    Item {
+        product_id: product_id.into(),
+        quantity,
+    }
+}
+
+fn status(view: &OrderView) -> String {
+    match &view.reason {
+        Some(reason) => format!("{} ({reason})", view.status),
+        None => view.status.clone(),
+    }
+}
+
+/// Publishes every message twice: each consumer sees each message twice.
+pub(crate) struct Twice(pub(crate) Arc<dyn Transport>);
+
+#[async_trait]
+impl Transport for Twice {
+    async fn publish(&self, channel: &str, message: &Message) -> saga::Result<()> {
+        self.0.publish(channel, message).await?;
+        self.0.publish(channel, message).await
+    }
+
+    async fn publish_batch(&self, entries: &[OutboxEntry]) -> Vec<saga::Result<()>> {
+        let doubled: Vec<OutboxEntry> = entries
+            .iter()
+            .flat_map(|e| [e.clone(), e.clone()])
+            .collect();
+        let results = self.0.publish_batch(&doubled).await;
+        results
+            .chunks(2)
+            .map(|pair| match pair {
+                [Ok(()), Ok(())] => Ok(()),
+                [Err(e), _] | [_, Err(e)] => Err(saga::Error::Unavailable(e.to_string())),
+                _ => Err(saga::Error::Unavailable("missing result".into())),
+            })
+            .collect()
+    }
+
+    async fn subscribe(
+        &self,
+        group: &str,
+        channels: &[String],
+    ) -> saga::Result<Box<dyn Subscription>> {
+        self.0.subscribe(group, channels).await
+    }
+
+    fn dead_letter_channel(&self, channel: &str) -> String {
+        self.0.dead_letter_channel(channel)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+}
+
+/// Scenario 1: Happy path.
+async fn happy_path(shop: &Shop) -> saga::Result<(String, String, bool)> {
+    shop.put_stock("book", 10, Cents(1250)).await?;
+    shop.put_wallet("alice", Cents(10_000)).await?;
+    let id = shop.place_order("alice", vec![item("book", 2)]).await?;
+    let view = shop.settled(&id, PATIENCE).await?;
+    let stock = shop.stock_of("book").await?.unwrap_or_default();
+    let wallet = shop.wallet_of("alice").await?.unwrap_or_default();
+    let got = format!(
+        "{}; book {}+{} reserved; wallet {wallet}",
+        status(&view),
+        stock.0,
+        stock.1
+    );
+    let ok = view.status == "CONFIRMED" && stock == (8, 2) && wallet == Cents(7_500);
+    Ok(("CONFIRMED; book 8+2 reserved; wallet 75.00".into(), got, ok))
+}
+
+/// Scenario 2: Out of stock.
+async fn out_of_stock(shop: &Shop) -> saga::Result<(String, String, bool)> {
+    shop.put_stock("lamp", 1, Cents(3000)).await?;
+    shop.put_wallet("bob", Cents(10_000)).await?;
+    let id = shop.place_order("bob", vec![item("lamp", 3)]).await?;
+    let view = shop.settled(&id, PATIENCE).await?;
+    let wallet = shop.wallet_of("bob").await?.unwrap_or_default();
+    let stock = shop.stock_of("lamp").await?.unwrap_or_default();
+    let ok = view.status == "CANCELLED"
+        && view
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("out of stock"))
+        && wallet == Cents(10_000)
+        && stock == (1, 0);
+    Ok((
+        "CANCELLED (out of stock); wallet 100.00".into(),
+        format!("{}; wallet {wallet}", status(&view)),
+        ok,
+    ))
+}
+
+/// Scenario 3: Unknown product.
+async fn unknown_product(shop: &Shop) -> saga::Result<(String, String, bool)> {
+    shop.put_wallet("carol", Cents(10_000)).await?;
+    let id = shop.place_order("carol", vec![item("unicorn", 1)]).await?;
+    let view = shop.settled(&id, PATIENCE).await?;
+    let ok = view.status == "CANCELLED"
+        && view
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("unknown product"));
+    Ok(("CANCELLED (unknown product)".into(), status(&view), ok))
+}
+
+/// Scenario 4: Payment declined: the stock is released.
+async fn payment_declined(shop: &Shop) -> saga::Result<(String, String, bool)> {
+    shop.put_stock("pen", 5, Cents(250)).await?;
+    shop.put_wallet("dave", Cents(100)).await?;
+    let id = shop.place_order("dave", vec![item("pen", 2)]).await?;
+    let view = shop.settled(&id, PATIENCE).await?;
+    let stock = shop.stock_of("pen").await?.unwrap_or_default();
+    let wallet = shop.wallet_of("dave").await?.unwrap_or_default();
+    let ok = view.status == "CANCELLED"
+        && view
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("insufficient funds"))
+        && stock == (5, 0)
+        && wallet == Cents(100);
+    Ok((
+        "CANCELLED (insufficient funds); pen 5+0; wallet 1.00".into(),
+        format!(
+            "{}; pen {}+{}; wallet {wallet}",
+            status(&view),
+            stock.0,
+            stock.1
+        ),
+        ok,
+    ))
+}
+
+/// Waits until the order's saga history has a step event matching `what`.
+async fn until_history(shop: &Shop, order_id: &str, what: &str) -> saga::Result<bool> {
+    let deadline = Instant::now() + PATIENCE;
+    while Instant::now() < deadline {
+        if let Some(view) = shop.order(order_id).await?
+            && view
+                .saga
+                .steps
+                .iter()
+                .any(|s| format!("{} {}", s.name, s.status).contains(what))
+        {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(false)
+}
+
+/// Scenario 5: The payment service crashes mid-saga and comes back.
+async fn payment_crash(shop: &mut Shop) -> saga::Result<(String, String, bool)> {
+    shop.put_stock("mug", 10, Cents(800)).await?;
+    shop.put_wallet("erin", Cents(5_000)).await?;
+    shop.crash_payment().await;
+    let id = shop.place_order("erin", vec![item("mug", 1)]).await?;
+    let reached = until_history(shop, &id, "process-payment Forward Sent").await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shop.start_payment().await?;
+    let view = shop.settled(&id, PATIENCE).await?;
+    let wallet = shop.wallet_of("erin").await?.unwrap_or_default();
+    let ok = reached && view.status == "CONFIRMED" && wallet == Cents(4_200);
+    Ok((
+        "CONFIRMED; wallet 42.00 (debited once)".into(),
+        format!("{}; wallet {wallet}", status(&view)),
+        ok,
+    ))
+}
+
+/// Scenario 6: Every message delivered twice: scenarios 1–4 again, effects once.
+async fn duplicates(
+    dir: &Path,
+    transport: Arc<dyn Transport>,
+) -> saga::Result<(String, String, bool)> {
+    let mut shop = Shop::start(dir, Arc::new(Twice(transport)), &ShopConfig::default()).await?;
+    let mut got = Vec::new();
+    let mut ok = true;
+    for (number, (_, seen, passed)) in [
+        happy_path(&shop).await?,
+        out_of_stock(&shop).await?,
+        unknown_product(&shop).await?,
+        payment_declined(&shop).await?,
+        payment_crash(&mut shop).await?,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        got.push(if passed {
+            format!("{} ok", number + 1)
+        } else {
+            format!("{} WRONG: {seen}", number + 1)
+        });
+        ok &= passed;
+    }
+    shop.stop().await;
+    Ok(("1–5 as without duplicates".into(), got.join("; "), ok))
+}
+
+/// Scenario 7: Payment does not answer within the deadline: compensation, then the
+/// late reply changes nothing.
+async fn deadline(
+    dir: &Path,
+    transport: Arc<dyn Transport>,
+) -> saga::Result<(String, String, bool)> {
+    let config = ShopConfig {
+        deadline: Duration::from_secs(1),
+        attempts: 1,
+    };
+    let mut shop = Shop::start(dir, transport, &config).await?;
+    shop.put_stock("desk", 3, Cents(20_000)).await?;
+    shop.put_wallet("frank", Cents(50_000)).await?;
+    shop.crash_payment().await;
+    let id = shop.place_order("frank", vec![item("desk", 1)]).await?;
+    let timed_out = until_history(&shop, &id, "process-payment Forward TimedOut").await?;
+    shop.start_payment().await?;
+    let view = shop.settled(&id, PATIENCE).await?;
+    // The late charge reply arrives while (or after) compensating: ignored.
+    let ignored = until_history(&shop, &id, "IgnoredReply").await?;
+    let wallet = shop.wallet_of("frank").await?.unwrap_or_default();
+    let stock = shop.stock_of("desk").await?.unwrap_or_default();
+    let ok = timed_out
+        && view.status == "CANCELLED"
+        && wallet == Cents(50_000)
+        && stock == (3, 0)
+        && ignored;
+    shop.stop().await;
+    Ok((
+        "CANCELLED (timed out); late reply ignored; wallet 500.00; desk 3+0".into(),
+        format!(
+            "{}; late reply {}; wallet {wallet}; desk {}+{}",
+            status(&view),
+            if ignored { "ignored" } else { "NOT seen" },
+            stock.0,
+            stock.1
+        ),
+        ok,
+    ))
+}
+
+/// Scenario 8: 500 orders at once against limited stock.
+async fn concurrency(shop: &Arc<Shop>) -> saga::Result<(String, String, bool)> {
+    let products: Vec<(String, i64, Cents)> = (0..5)
+        .map(|i| (format!("gadget-{i}"), 40 + 10 * i, Cents(500 + 250 * i)))
+        .collect();
+    let customers: Vec<(String, Cents)> = (0..50)
+        .map(|i| (format!("buyer-{i}"), Cents(2_000 + 700 * i)))
+        .collect();
+    for (id, available, price) in &products {
+        shop.put_stock(id, *available, *price).await?;
+    }
+    for (id, balance) in &customers {
+        shop.put_wallet(id, *balance).await?;
+    }
+    let mut rng = fastrand::Rng::with_seed(8);
+    let mut tasks = Vec::new();
+    for n in 0..500 {
+        let customer = customers[n % customers.len()].0.clone();
+        let mut items = vec![item(
+            &products[rng.usize(..products.len())].0,
+            rng.i64(1..=3),
+        )];
+        if rng.bool() {
+            let other = &products[rng.usize(..products.len())].0;
+            if *other != items[0].product_id {
+                items.push(item(other, rng.i64(1..=2)));
+            }
+        }
+        let shop = Arc::clone(shop);
+        tasks.push(tokio::spawn(async move {
+            shop.place_order(&customer, items).await
+        }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.push(
+            task.await
+                .map_err(|e| saga::Error::Unavailable(e.to_string()))??,
+        );
+    }
+    let mut by_status: HashMap<String, usize> = HashMap::new();
+    let mut reasons: HashMap<String, usize> = HashMap::new();
+    let mut confirmed_units: HashMap<String, i64> = HashMap::new();
+    let mut confirmed_spent: HashMap<String, i64> = HashMap::new();
+    for id in &ids {
+        let view = shop.settled(id, PATIENCE * 2).await?;
+        *by_status.entry(view.status.clone()).or_default() += 1;
+        if let Some(reason) = &view.reason {
+            let kind = reason
+                .split([':', '('])
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            *reasons.entry(kind).or_default() += 1;
+        }
+        if view.status == "CONFIRMED" {
+            let (customer, items) = shop.order_lines(id).await?;
+            for line in items {
+                *confirmed_units.entry(line.product_id).or_default() += line.quantity;
+            }
+            *confirmed_spent.entry(customer).or_default() += view
+                .total
+                .as_deref()
+                .and_then(Cents::parse)
+                .unwrap_or_default()
+                .0;
+        }
+    }
+    let mut ok = by_status
+        .keys()
+        .all(|s| s == "CONFIRMED" || s == "CANCELLED");
+    for (id, initial, _) in &products {
+        let (available, reserved) = shop.stock_of(id).await?.unwrap_or_default();
+        let sold = confirmed_units.get(id).copied().unwrap_or(0);
+        ok &= *initial == available + reserved && reserved == sold;
+    }
+    for (id, initial) in &customers {
+        let balance = shop.wallet_of(id).await?.unwrap_or_default();
+        ok &= initial.0 == balance.0 + confirmed_spent.get(id).copied().unwrap_or(0);
+    }
+    let count = |s: &str| by_status.get(s).copied().unwrap_or(0);
+    Ok((
+        "all 500 end; stock and money add up".into(),
+        format!(
+            "{} CONFIRMED, {} CANCELLED ({}), {} other; invariants {}",
+            count("CONFIRMED"),
+            count("CANCELLED"),
+            {
+                let mut kinds: Vec<_> = reasons.iter().map(|(k, n)| format!("{n} {k}")).collect();
+                kinds.sort();
+                kinds.join(", ")
+            },
+            ids.len() - count("CONFIRMED") - count("CANCELLED"),
+            if ok { "hold" } else { "BROKEN" }
+        ),
+        ok,
+    ))
+}
+
+/// Runs every scenario; each gets databases of its own under `dir`.
+pub(crate) async fn run_all(dir: &Path, transport_name: &str) -> saga::Result<Vec<Outcome>> {
+    let connect = || crate::transport::connect(transport_name);
+    let mut outcomes = Vec::new();
+    let mut record = |scenario: &'static str, started: Instant, result: (String, String, bool)| {
+        outcomes.push(Outcome {
+            scenario,
+            expected: result.0,
+            got: result.1,
+            ok: result.2,
+            elapsed: started.elapsed(),
+        });
+    };
+
+    let main_dir = dir.join("main");
+    std::fs::create_dir_all(&main_dir).map_err(|e| saga::Error::Config(e.to_string()))?;
+    let mut shop = Shop::start(&main_dir, connect().await?, &ShopConfig::default()).await?;
+    let started = Instant::now();
+    record("1 happy path", started, happy_path(&shop).await?);
+    let started = Instant::now();
+    record("2 out of stock", started, out_of_stock(&shop).await?);
+    let started = Instant::now();
+    record("3 unknown product", started, unknown_product(&shop).await?);
+    let started = Instant::now();
+    record(
+        "4 payment declined",
+        started,
+        payment_declined(&shop).await?,
+    );
+    let started = Instant::now();
+    record(
+        "5 payment crashes mid-saga",
+        started,
+        payment_crash(&mut shop).await?,
+    );
+
+    let fresh_dir = |name: &str| {
+        let sub_dir = dir.join(name);
+        std::fs::create_dir_all(&sub_dir)
+            .map(|()| sub_dir)
+            .map_err(|e| saga::Error::Config(e.to_string()))
+    };
+    let started = Instant::now();
+    record(
+        "6 every message twice",
+        started,
+        duplicates(&fresh_dir("twice")?, connect().await?).await?,
+    );
+    let started = Instant::now();
+    record(
+        "7 payment misses its deadline",
+        started,
+        deadline(&fresh_dir("deadline")?, connect().await?).await?,
+    );
+
+    let shop = Arc::new(shop);
+    let started = Instant::now();
+    record("8 500 orders at once", started, concurrency(&shop).await?);
+    if let Ok(shop) = Arc::try_unwrap(shop) {
+        shop.stop().await;
+    }
+    Ok(outcomes)
+}
