@@ -12,9 +12,23 @@ fn retryable_sqlstate(code: &str) -> bool {
     ) || code.starts_with("08")
 }
 
+/// SQLite result codes after which a retry can succeed: `SQLITE_BUSY` and
+/// `SQLITE_LOCKED` with their extended codes (the primary code is the low byte).
+#[cfg(feature = "sqlite")]
+fn retryable_sqlite_code(code: &str) -> bool {
+    code.parse::<u32>()
+        .is_ok_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
 /// Whether retrying after `error` can help.
 pub(crate) fn is_retryable(error: &sqlx::Error) -> bool {
     match error {
+        #[cfg(feature = "sqlite")]
+        sqlx::Error::Database(db)
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() =>
+        {
+            db.code().is_some_and(|code| retryable_sqlite_code(&code))
+        }
         sqlx::Error::Database(db) => db.code().is_some_and(|code| retryable_sqlstate(&code)),
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => true,
         _ => false,
@@ -32,6 +46,18 @@ pub(crate) fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::retryable_sqlstate;
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn busy_and_locked_sqlite_codes_are_retryable() {
+        use super::retryable_sqlite_code;
+        for code in ["5", "6", "517", "261", "262"] {
+            assert!(retryable_sqlite_code(code), "{code}");
+        }
+        for code in ["19", "2067", "1", "11"] {
+            assert!(!retryable_sqlite_code(code), "{code}");
+        }
+    }
 
     #[test]
     fn codes_that_can_pass_are_retryable() {

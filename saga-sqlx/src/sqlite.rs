@@ -172,6 +172,14 @@ impl SqliteStore {
         &self.pool
     }
 
+    /// Wakes every relay waiting on this store, and leaves a permit for one
+    /// that is busy publishing right now: a commit made while no relay
+    /// waits is not missed until the next poll.
+    fn wake_relays(&self) {
+        self.committed.notify_waiters();
+        self.committed.notify_one();
+    }
+
     /// Applies the embedded migrations the database lacks; running it again changes nothing.
     pub async fn migrate(&self) -> Result<()> {
         MIGRATOR
@@ -208,16 +216,20 @@ impl SqliteStore {
 impl Transactional for SqliteStore {
     type Tx = Transaction<'static, Sqlite>;
 
+    /// `BEGIN IMMEDIATE`: the transaction takes SQLite's write lock at once,
+    /// waiting up to the busy timeout. A deferred transaction that reads
+    /// first would fail with `SQLITE_BUSY` when it tries to write while
+    /// another connection writes, and no wait helps it then.
     async fn begin(&self) -> Result<Self::Tx> {
         self.pool
-            .begin()
+            .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db("beginning a transaction"))
     }
 
     async fn commit(&self, tx: Self::Tx) -> Result<()> {
         tx.commit().await.map_err(db("committing"))?;
-        self.committed.notify_waiters();
+        self.wake_relays();
         Ok(())
     }
 }
@@ -345,7 +357,7 @@ impl OutboxStore for SqliteStore {
         .execute(&self.pool)
         .await
         .map_err(db("requeueing a dead letter"))?;
-        self.committed.notify_waiters();
+        self.wake_relays();
         Ok(result.rows_affected() == 1)
     }
 

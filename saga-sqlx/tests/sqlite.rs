@@ -29,6 +29,33 @@ async fn migrating_twice_changes_nothing() {
     store.migrate().await.unwrap();
 }
 
+/// Many transactions that read and then write, at once, all commit: none
+/// fails with `SQLITE_BUSY` (a deferred transaction upgrading its lock while
+/// another connection writes would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_read_then_write_transactions_all_commit() {
+    use saga_core::{Message, OutboxEntry, OutboxStore, SagaId, SagaStore, Transactional};
+    let store = store().await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tx = store.begin().await?;
+            // A read first: the transaction holds a snapshot, not yet the write lock.
+            store.load(&mut tx, SagaId::new()).await?;
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            let entry =
+                OutboxEntry::new("replies", Message::new("done", format!("{i}").into_bytes()));
+            store.enqueue(&mut tx, &[entry]).await?;
+            store.commit(tx).await
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().expect("every transaction commits");
+    }
+    assert_eq!(store.stats().await.unwrap().pending, 64);
+}
+
 mod relay_cases;
 
 mod relay {
