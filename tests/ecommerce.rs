@@ -1,6 +1,6 @@
 //! The e-commerce example's scenarios (examples/ecommerce) on every backend
-//! combination this build has: SQLite databases per service with the
-//! in-memory transport, and with each broker transport enabled by a feature.
+//! combination this build has: SQLite files with the in-memory transport,
+//! and PostgreSQL with each broker transport enabled by a feature.
 //!
 //! One combination at a time: scenario 8 loads the machine, and the
 //! scenarios' deadlines are real time.
@@ -12,15 +12,24 @@ mod shop;
 #[path = "../examples/support/transport.rs"]
 mod transport;
 
+use shop::Databases;
+
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn every_scenario(transport: &str) {
+fn run_id() -> String {
+    let id = saga::MessageId::new().to_string().replace('-', "");
+    id[id.len() - 12..].to_owned()
+}
+
+async fn every_scenario(databases: Databases, transport: &str) {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let dir = std::env::temp_dir().join(format!("saga-ecommerce-test-{}", saga::MessageId::new()));
-    let outcomes = match scenarios::run_all(&dir, transport).await {
+    let outcomes = match scenarios::run_all(&databases, transport).await {
         Ok(outcomes) => outcomes,
-        Err(error) if transport != "memory" && error.is_retryable() => {
-            let _ = saga_core::testing::unavailable::<()>(transport, error);
+        Err(error) if error.is_retryable() => {
+            let _ = saga_core::testing::unavailable::<()>(
+                &format!("{transport} or the database"),
+                error,
+            );
             return;
         }
         Err(error) => panic!("the scenarios on {transport} stopped: {error}"),
@@ -40,28 +49,79 @@ async fn every_scenario(transport: &str) {
         .collect();
     assert_eq!(outcomes.len(), 8, "every scenario ran");
     assert!(failed.is_empty(), "on {transport}:\n{}", failed.join("\n"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_on_sqlite_and_memory() {
-    every_scenario("memory").await;
+    let dir = std::env::temp_dir().join(format!("saga-ecommerce-test-{}", run_id()));
+    every_scenario(Databases::Sqlite(dir.clone()), "memory").await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The PostgreSQL server for the service databases (`ECOMMERCE_POSTGRES`),
+/// and a guard that drops the run's databases afterwards.
+#[cfg(any(feature = "kafka", feature = "amqp", feature = "redis"))]
+struct Postgres {
+    server: String,
+    prefix: String,
+}
+
+#[cfg(any(feature = "kafka", feature = "amqp", feature = "redis"))]
+impl Postgres {
+    fn new() -> Self {
+        Self {
+            server: std::env::var("ECOMMERCE_POSTGRES")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into()),
+            prefix: format!("ecommerce_test_{}", run_id()),
+        }
+    }
+
+    fn databases(&self) -> Databases {
+        Databases::Postgres {
+            server: self.server.clone(),
+            prefix: self.prefix.clone(),
+        }
+    }
+
+    async fn drop_databases(&self) {
+        let Ok(admin) = sqlx::PgPool::connect(&format!("{}/postgres", self.server)).await else {
+            return;
+        };
+        let names: Vec<String> =
+            sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE $1")
+                .bind(format!("{}%", self.prefix))
+                .fetch_all(&admin)
+                .await
+                .unwrap_or_default();
+        for name in names {
+            let _ = sqlx::query(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+                .execute(&admin)
+                .await;
+        }
+    }
+}
+
+#[cfg(any(feature = "kafka", feature = "amqp", feature = "redis"))]
+async fn every_scenario_on_postgres(transport: &str) {
+    let postgres = Postgres::new();
+    every_scenario(postgres.databases(), transport).await;
+    postgres.drop_databases().await;
 }
 
 #[cfg(feature = "kafka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_scenario_on_sqlite_and_kafka() {
-    every_scenario("kafka").await;
+async fn every_scenario_on_postgres_and_kafka() {
+    every_scenario_on_postgres("kafka").await;
 }
 
 #[cfg(feature = "amqp")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_scenario_on_sqlite_and_rabbitmq() {
-    every_scenario("amqp").await;
+async fn every_scenario_on_postgres_and_rabbitmq() {
+    every_scenario_on_postgres("amqp").await;
 }
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_scenario_on_sqlite_and_redis() {
-    every_scenario("redis").await;
+async fn every_scenario_on_postgres_and_redis() {
+    every_scenario_on_postgres("redis").await;
 }

@@ -2,14 +2,13 @@
 //! databases hold afterwards.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use saga::{Message, OutboxEntry, Subscription, Transport, transport::Capabilities};
 
-use crate::shop::{Cents, Item, OrderView, Shop, ShopConfig};
+use crate::shop::{self, Cents, Databases, Item, OrderView, Services, ShopApi, ShopConfig};
 
 /// How long a scenario waits for its orders to end.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -81,7 +80,7 @@ impl Transport for Twice {
 }
 
 /// Scenario 1: Happy path.
-async fn happy_path(shop: &Shop) -> saga::Result<(String, String, bool)> {
+async fn happy_path(shop: &dyn ShopApi) -> saga::Result<(String, String, bool)> {
     shop.put_stock("book", 10, Cents(1250)).await?;
     shop.put_wallet("alice", Cents(10_000)).await?;
     let id = shop.place_order("alice", vec![item("book", 2)]).await?;
@@ -99,7 +98,7 @@ async fn happy_path(shop: &Shop) -> saga::Result<(String, String, bool)> {
 }
 
 /// Scenario 2: Out of stock.
-async fn out_of_stock(shop: &Shop) -> saga::Result<(String, String, bool)> {
+async fn out_of_stock(shop: &dyn ShopApi) -> saga::Result<(String, String, bool)> {
     shop.put_stock("lamp", 1, Cents(3000)).await?;
     shop.put_wallet("bob", Cents(10_000)).await?;
     let id = shop.place_order("bob", vec![item("lamp", 3)]).await?;
@@ -121,7 +120,7 @@ async fn out_of_stock(shop: &Shop) -> saga::Result<(String, String, bool)> {
 }
 
 /// Scenario 3: Unknown product.
-async fn unknown_product(shop: &Shop) -> saga::Result<(String, String, bool)> {
+async fn unknown_product(shop: &dyn ShopApi) -> saga::Result<(String, String, bool)> {
     shop.put_wallet("carol", Cents(10_000)).await?;
     let id = shop.place_order("carol", vec![item("unicorn", 1)]).await?;
     let view = shop.settled(&id, PATIENCE).await?;
@@ -134,7 +133,7 @@ async fn unknown_product(shop: &Shop) -> saga::Result<(String, String, bool)> {
 }
 
 /// Scenario 4: Payment declined: the stock is released.
-async fn payment_declined(shop: &Shop) -> saga::Result<(String, String, bool)> {
+async fn payment_declined(shop: &dyn ShopApi) -> saga::Result<(String, String, bool)> {
     shop.put_stock("pen", 5, Cents(250)).await?;
     shop.put_wallet("dave", Cents(100)).await?;
     let id = shop.place_order("dave", vec![item("pen", 2)]).await?;
@@ -161,7 +160,7 @@ async fn payment_declined(shop: &Shop) -> saga::Result<(String, String, bool)> {
 }
 
 /// Waits until the order's saga history has a step event matching `what`.
-async fn until_history(shop: &Shop, order_id: &str, what: &str) -> saga::Result<bool> {
+async fn until_history(shop: &dyn ShopApi, order_id: &str, what: &str) -> saga::Result<bool> {
     let deadline = Instant::now() + PATIENCE;
     while Instant::now() < deadline {
         if let Some(view) = shop.order(order_id).await?
@@ -179,7 +178,7 @@ async fn until_history(shop: &Shop, order_id: &str, what: &str) -> saga::Result<
 }
 
 /// Scenario 5: The payment service crashes mid-saga and comes back.
-async fn payment_crash(shop: &mut Shop) -> saga::Result<(String, String, bool)> {
+async fn payment_crash(shop: &dyn ShopApi) -> saga::Result<(String, String, bool)> {
     shop.put_stock("mug", 10, Cents(800)).await?;
     shop.put_wallet("erin", Cents(5_000)).await?;
     shop.crash_payment().await;
@@ -199,18 +198,25 @@ async fn payment_crash(shop: &mut Shop) -> saga::Result<(String, String, bool)> 
 
 /// Scenario 6: Every message delivered twice: scenarios 1–4 again, effects once.
 async fn duplicates(
-    dir: &Path,
+    databases: &Databases,
     transport: Arc<dyn Transport>,
 ) -> saga::Result<(String, String, bool)> {
-    let mut shop = Shop::start(dir, Arc::new(Twice(transport)), &ShopConfig::default()).await?;
+    let shop = shop::start(
+        databases,
+        Services::ALL,
+        Arc::new(Twice(transport)),
+        &ShopConfig::default(),
+    )
+    .await?;
+    let shop = shop.as_ref();
     let mut got = Vec::new();
     let mut ok = true;
     for (number, (_, seen, passed)) in [
-        happy_path(&shop).await?,
-        out_of_stock(&shop).await?,
-        unknown_product(&shop).await?,
-        payment_declined(&shop).await?,
-        payment_crash(&mut shop).await?,
+        happy_path(shop).await?,
+        out_of_stock(shop).await?,
+        unknown_product(shop).await?,
+        payment_declined(shop).await?,
+        payment_crash(shop).await?,
     ]
     .into_iter()
     .enumerate()
@@ -229,23 +235,24 @@ async fn duplicates(
 /// Scenario 7: Payment does not answer within the deadline: compensation, then the
 /// late reply changes nothing.
 async fn deadline(
-    dir: &Path,
+    databases: &Databases,
     transport: Arc<dyn Transport>,
 ) -> saga::Result<(String, String, bool)> {
     let config = ShopConfig {
         deadline: Duration::from_secs(1),
         attempts: 1,
     };
-    let mut shop = Shop::start(dir, transport, &config).await?;
+    let shop = shop::start(databases, Services::ALL, transport, &config).await?;
+    let shop = shop.as_ref();
     shop.put_stock("desk", 3, Cents(20_000)).await?;
     shop.put_wallet("frank", Cents(50_000)).await?;
     shop.crash_payment().await;
     let id = shop.place_order("frank", vec![item("desk", 1)]).await?;
-    let timed_out = until_history(&shop, &id, "process-payment Forward TimedOut").await?;
+    let timed_out = until_history(shop, &id, "process-payment Forward TimedOut").await?;
     shop.start_payment().await?;
     let view = shop.settled(&id, PATIENCE).await?;
     // The late charge reply arrives while (or after) compensating: ignored.
-    let ignored = until_history(&shop, &id, "IgnoredReply").await?;
+    let ignored = until_history(shop, &id, "IgnoredReply").await?;
     let wallet = shop.wallet_of("frank").await?.unwrap_or_default();
     let stock = shop.stock_of("desk").await?.unwrap_or_default();
     let ok = timed_out
@@ -268,7 +275,7 @@ async fn deadline(
 }
 
 /// Scenario 8: 500 orders at once against limited stock.
-async fn concurrency(shop: &Arc<Shop>) -> saga::Result<(String, String, bool)> {
+async fn concurrency(shop: &Arc<dyn ShopApi>) -> saga::Result<(String, String, bool)> {
     let products: Vec<(String, i64, Cents)> = (0..5)
         .map(|i| (format!("gadget-{i}"), 40 + 10 * i, Cents(500 + 250 * i)))
         .collect();
@@ -368,7 +375,10 @@ async fn concurrency(shop: &Arc<Shop>) -> saga::Result<(String, String, bool)> {
 }
 
 /// Runs every scenario; each gets databases of its own under `dir`.
-pub(crate) async fn run_all(dir: &Path, transport_name: &str) -> saga::Result<Vec<Outcome>> {
+pub(crate) async fn run_all(
+    databases: &Databases,
+    transport_name: &str,
+) -> saga::Result<Vec<Outcome>> {
     let connect = || crate::transport::connect(transport_name);
     let mut outcomes = Vec::new();
     let mut record = |scenario: &'static str, started: Instant, result: (String, String, bool)| {
@@ -381,52 +391,53 @@ pub(crate) async fn run_all(dir: &Path, transport_name: &str) -> saga::Result<Ve
         });
     };
 
-    let main_dir = dir.join("main");
-    std::fs::create_dir_all(&main_dir).map_err(|e| saga::Error::Config(e.to_string()))?;
-    let mut shop = Shop::start(&main_dir, connect().await?, &ShopConfig::default()).await?;
+    let shop = shop::start(
+        &databases.child("main"),
+        Services::ALL,
+        connect().await?,
+        &ShopConfig::default(),
+    )
+    .await?;
     let started = Instant::now();
-    record("1 happy path", started, happy_path(&shop).await?);
+    record("1 happy path", started, happy_path(shop.as_ref()).await?);
     let started = Instant::now();
-    record("2 out of stock", started, out_of_stock(&shop).await?);
+    record(
+        "2 out of stock",
+        started,
+        out_of_stock(shop.as_ref()).await?,
+    );
     let started = Instant::now();
-    record("3 unknown product", started, unknown_product(&shop).await?);
+    record(
+        "3 unknown product",
+        started,
+        unknown_product(shop.as_ref()).await?,
+    );
     let started = Instant::now();
     record(
         "4 payment declined",
         started,
-        payment_declined(&shop).await?,
+        payment_declined(shop.as_ref()).await?,
     );
     let started = Instant::now();
     record(
         "5 payment crashes mid-saga",
         started,
-        payment_crash(&mut shop).await?,
+        payment_crash(shop.as_ref()).await?,
     );
-
-    let fresh_dir = |name: &str| {
-        let sub_dir = dir.join(name);
-        std::fs::create_dir_all(&sub_dir)
-            .map(|()| sub_dir)
-            .map_err(|e| saga::Error::Config(e.to_string()))
-    };
     let started = Instant::now();
     record(
         "6 every message twice",
         started,
-        duplicates(&fresh_dir("twice")?, connect().await?).await?,
+        duplicates(&databases.child("twice"), connect().await?).await?,
     );
     let started = Instant::now();
     record(
         "7 payment misses its deadline",
         started,
-        deadline(&fresh_dir("deadline")?, connect().await?).await?,
+        deadline(&databases.child("deadline"), connect().await?).await?,
     );
-
-    let shop = Arc::new(shop);
     let started = Instant::now();
     record("8 500 orders at once", started, concurrency(&shop).await?);
-    if let Ok(shop) = Arc::try_unwrap(shop) {
-        shop.stop().await;
-    }
+    shop.stop().await;
     Ok(outcomes)
 }

@@ -1,27 +1,19 @@
 //! The three services: Order (orchestrates), Stock and Payment, each with
-//! its own SQLite database, talking only through the transport.
+//! its own database (a SQLite file, or a PostgreSQL database), talking only
+//! through the transport.
 //!
 //! Saga `place-order`: RecordOrder (local; compensation: mark CANCELLED) →
 //! ReserveStock (stock service; compensation ReleaseStock) → ProcessPayment
 //! (payment service; compensation RefundPayment) → ApproveOrder (local).
 //! Money is integer cents, parsed from and printed as "12.50".
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use saga::outbox::{Relay, RelayConfig};
-use saga::sql::SqliteStore;
-use saga::{
-    CommandHandler, Message, Orchestrator, OrchestratorConfig, Participant, Reply, RetryPolicy,
-    SagaDefinition, SagaId, SagaState, SagaStep, StepConfig, StepContext, StepError, StepOutcome,
-    StepStatus, Transactional, Transport, Worker,
-};
+use saga::{SagaState, Transport};
 use serde::{Deserialize, Serialize};
-use sqlx::{Row, Sqlite, Transaction};
-
-type Tx = Transaction<'static, Sqlite>;
 
 /// Exact money: cents.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -67,299 +59,24 @@ pub(crate) struct PlaceOrder {
     pub(crate) total: Cents,
 }
 
-fn step_error(error: impl std::fmt::Display) -> StepError {
-    StepError::retryable(format!("database: {error}"))
-}
-
-struct RecordOrder;
-
-#[async_trait]
-impl SagaStep<PlaceOrder, Tx> for RecordOrder {
-    fn name(&self) -> &str {
-        "record-order"
-    }
-
-    /// The order row is written by whoever starts the saga, in the same transaction.
-    async fn execute(
-        &self,
-        _: &mut StepContext<'_, Tx>,
-        _: &mut PlaceOrder,
-    ) -> Result<StepOutcome, StepError> {
-        Ok(StepOutcome::Done)
-    }
-
-    async fn compensate(
-        &self,
-        ctx: &mut StepContext<'_, Tx>,
-        order: &mut PlaceOrder,
-    ) -> Result<StepOutcome, StepError> {
-        sqlx::query("UPDATE orders SET status = 'CANCELLED' WHERE order_id = $1")
-            .bind(&order.order_id)
-            .execute(&mut **ctx.tx)
-            .await
-            .map_err(step_error)?;
-        Ok(StepOutcome::Done)
-    }
-}
-
-struct ReserveStock;
-
-#[async_trait]
-impl SagaStep<PlaceOrder, Tx> for ReserveStock {
-    fn name(&self) -> &str {
-        "reserve-stock"
-    }
-
-    async fn execute(
-        &self,
-        _: &mut StepContext<'_, Tx>,
-        order: &mut PlaceOrder,
-    ) -> Result<StepOutcome, StepError> {
-        StepOutcome::send_json("stock.commands", "stock.reserve", order)
-    }
-
-    async fn on_reply(&self, order: &mut PlaceOrder, reply: &Message) -> Result<(), StepError> {
-        let reserved: Reserved = reply.payload_json()?;
-        order.total = reserved.total;
-        Ok(())
-    }
-
-    async fn compensate(
-        &self,
-        _: &mut StepContext<'_, Tx>,
-        order: &mut PlaceOrder,
-    ) -> Result<StepOutcome, StepError> {
-        StepOutcome::send_json("stock.commands", "stock.release", order)
-    }
-}
-
-struct ProcessPayment;
-
-#[async_trait]
-impl SagaStep<PlaceOrder, Tx> for ProcessPayment {
-    fn name(&self) -> &str {
-        "process-payment"
-    }
-
-    async fn execute(
-        &self,
-        _: &mut StepContext<'_, Tx>,
-        order: &mut PlaceOrder,
-    ) -> Result<StepOutcome, StepError> {
-        StepOutcome::send_json("payment.commands", "payment.charge", order)
-    }
-
-    async fn compensate(
-        &self,
-        _: &mut StepContext<'_, Tx>,
-        order: &mut PlaceOrder,
-    ) -> Result<StepOutcome, StepError> {
-        StepOutcome::send_json("payment.commands", "payment.refund", order)
-    }
-}
-
-struct ApproveOrder;
-
-#[async_trait]
-impl SagaStep<PlaceOrder, Tx> for ApproveOrder {
-    fn name(&self) -> &str {
-        "approve-order"
-    }
-
-    async fn execute(
-        &self,
-        ctx: &mut StepContext<'_, Tx>,
-        order: &mut PlaceOrder,
-    ) -> Result<StepOutcome, StepError> {
-        sqlx::query("UPDATE orders SET status = 'CONFIRMED', total_cents = $2 WHERE order_id = $1")
-            .bind(&order.order_id)
-            .bind(order.total.0)
-            .execute(&mut **ctx.tx)
-            .await
-            .map_err(step_error)?;
-        Ok(StepOutcome::Done)
-    }
-
-    async fn compensate(
-        &self,
-        _: &mut StepContext<'_, Tx>,
-        _: &mut PlaceOrder,
-    ) -> Result<StepOutcome, StepError> {
-        Ok(StepOutcome::Done)
-    }
-}
-
 #[derive(Serialize, Deserialize)]
-struct Reserved {
-    total: Cents,
-}
-
-/// The stock service: `stock.reserve` and `stock.release`.
-struct Stock {
-    release: bool,
-}
-
-#[async_trait]
-impl CommandHandler<Tx> for Stock {
-    async fn handle(&self, tx: &mut Tx, command: &Message) -> Result<Reply, StepError> {
-        let order: PlaceOrder = command.payload_json()?;
-        if self.release {
-            let row =
-                sqlx::query("SELECT items FROM reservations WHERE order_id = $1 AND released = 0")
-                    .bind(&order.order_id)
-                    .fetch_optional(&mut **tx)
-                    .await
-                    .map_err(step_error)?;
-            if let Some(row) = row {
-                let items: Vec<Item> = serde_json::from_str(row.get("items"))
-                    .map_err(|e| StepError::rejected(e.to_string()))?;
-                for item in &items {
-                    sqlx::query("UPDATE products SET available = available + $2, reserved = reserved - $2 WHERE product_id = $1")
-                        .bind(&item.product_id)
-                        .bind(item.quantity)
-                        .execute(&mut **tx)
-                        .await
-                        .map_err(step_error)?;
-                }
-                sqlx::query("UPDATE reservations SET released = 1 WHERE order_id = $1")
-                    .bind(&order.order_id)
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(step_error)?;
-            }
-            return Ok(Reply::empty("stock.released"));
-        }
-        let mut total = 0i64;
-        for item in &order.items {
-            let row = sqlx::query(
-                "SELECT available, unit_price_cents FROM products WHERE product_id = $1",
-            )
-            .bind(&item.product_id)
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(step_error)?
-            .ok_or_else(|| StepError::rejected(format!("unknown product {}", item.product_id)))?;
-            let available: i64 = row.get("available");
-            if available < item.quantity {
-                return Err(StepError::rejected(format!(
-                    "out of stock: {} (available {available}, ordered {})",
-                    item.product_id, item.quantity
-                )));
-            }
-            total += row.get::<i64, _>("unit_price_cents") * item.quantity;
-        }
-        for item in &order.items {
-            sqlx::query("UPDATE products SET available = available - $2, reserved = reserved + $2 WHERE product_id = $1")
-                .bind(&item.product_id)
-                .bind(item.quantity)
-                .execute(&mut **tx)
-                .await
-                .map_err(step_error)?;
-        }
-        sqlx::query("INSERT INTO reservations (order_id, items, released) VALUES ($1, $2, 0)")
-            .bind(&order.order_id)
-            .bind(
-                serde_json::to_string(&order.items)
-                    .map_err(|e| StepError::rejected(e.to_string()))?,
-            )
-            .execute(&mut **tx)
-            .await
-            .map_err(step_error)?;
-        Reply::json(
-            "stock.reserved",
-            &Reserved {
-                total: Cents(total),
-            },
-        )
-    }
-}
-
-/// The payment service: `payment.charge` and `payment.refund`.
-struct Payment {
-    refund: bool,
-}
-
-#[async_trait]
-impl CommandHandler<Tx> for Payment {
-    async fn handle(&self, tx: &mut Tx, command: &Message) -> Result<Reply, StepError> {
-        let order: PlaceOrder = command.payload_json()?;
-        if self.refund {
-            let row = sqlx::query(
-                "SELECT amount_cents FROM payments WHERE order_id = $1 AND refunded = 0",
-            )
-            .bind(&order.order_id)
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(step_error)?;
-            if let Some(row) = row {
-                sqlx::query(
-                    "UPDATE wallets SET balance_cents = balance_cents + $2 WHERE customer_id = $1",
-                )
-                .bind(&order.customer_id)
-                .bind(row.get::<i64, _>("amount_cents"))
-                .execute(&mut **tx)
-                .await
-                .map_err(step_error)?;
-                sqlx::query("UPDATE payments SET refunded = 1 WHERE order_id = $1")
-                    .bind(&order.order_id)
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(step_error)?;
-            }
-            return Ok(Reply::empty("payment.refunded"));
-        }
-        let balance: i64 = sqlx::query("SELECT balance_cents FROM wallets WHERE customer_id = $1")
-            .bind(&order.customer_id)
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(step_error)?
-            .ok_or_else(|| StepError::rejected(format!("unknown customer {}", order.customer_id)))?
-            .get("balance_cents");
-        if balance < order.total.0 {
-            return Err(StepError::rejected(format!(
-                "insufficient funds: balance {} < total {}",
-                Cents(balance),
-                order.total
-            )));
-        }
-        sqlx::query("UPDATE wallets SET balance_cents = balance_cents - $2 WHERE customer_id = $1")
-            .bind(&order.customer_id)
-            .bind(order.total.0)
-            .execute(&mut **tx)
-            .await
-            .map_err(step_error)?;
-        sqlx::query("INSERT INTO payments (order_id, amount_cents, refunded) VALUES ($1, $2, 0)")
-            .bind(&order.order_id)
-            .bind(order.total.0)
-            .execute(&mut **tx)
-            .await
-            .map_err(step_error)?;
-        Ok(Reply::empty("payment.charged"))
-    }
+/// The stock service's answer to `stock.reserve`.
+pub(crate) struct Reserved {
+    pub(crate) total: Cents,
 }
 
 const ORDER_TABLES: &str = "CREATE TABLE IF NOT EXISTS orders (
     order_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL, items TEXT NOT NULL,
-    total_cents INTEGER, status TEXT NOT NULL, saga_id TEXT NOT NULL)";
+    total_cents BIGINT, status TEXT NOT NULL, saga_id TEXT NOT NULL)";
 const STOCK_TABLES: &str = "CREATE TABLE IF NOT EXISTS products (
-    product_id TEXT PRIMARY KEY, available INTEGER NOT NULL, reserved INTEGER NOT NULL,
-    unit_price_cents INTEGER NOT NULL);
+    product_id TEXT PRIMARY KEY, available BIGINT NOT NULL, reserved BIGINT NOT NULL,
+    unit_price_cents BIGINT NOT NULL);
   CREATE TABLE IF NOT EXISTS reservations (order_id TEXT PRIMARY KEY, items TEXT NOT NULL,
-    released INTEGER NOT NULL)";
+    released BIGINT NOT NULL)";
 const PAYMENT_TABLES: &str = "CREATE TABLE IF NOT EXISTS wallets (
-    customer_id TEXT PRIMARY KEY, balance_cents INTEGER NOT NULL);
-  CREATE TABLE IF NOT EXISTS payments (order_id TEXT PRIMARY KEY, amount_cents INTEGER NOT NULL,
-    refunded INTEGER NOT NULL)";
-
-async fn open(dir: &Path, name: &str, tables: &str) -> saga::Result<SqliteStore> {
-    let url = format!("sqlite://{}", dir.join(format!("{name}.db")).display());
-    let store = SqliteStore::connect(&url).await?;
-    sqlx::raw_sql(tables)
-        .execute(store.pool())
-        .await
-        .map_err(|e| saga::Error::backend("creating the business tables", false, e))?;
-    Ok(store)
-}
+    customer_id TEXT PRIMARY KEY, balance_cents BIGINT NOT NULL);
+  CREATE TABLE IF NOT EXISTS payments (order_id TEXT PRIMARY KEY, amount_cents BIGINT NOT NULL,
+    refunded BIGINT NOT NULL)";
 
 /// How the shop is set up.
 #[derive(Clone, Debug)]
@@ -403,268 +120,75 @@ pub(crate) struct StepView {
     pub(crate) error: Option<String>,
 }
 
-/// The three services in one process.
-pub(crate) struct Shop {
-    pub(crate) orders: SqliteStore,
-    pub(crate) stock: SqliteStore,
-    pub(crate) payment: SqliteStore,
-    transport: Arc<dyn Transport>,
-    pub(crate) orchestrator: Orchestrator<SqliteStore>,
-    workers: Vec<Worker>,
-    payment_worker: Option<Worker>,
+/// Where the services keep their data.
+#[derive(Clone, Debug)]
+pub(crate) enum Databases {
+    /// One SQLite file per service in this directory.
+    Sqlite(PathBuf),
+    /// One database per service (`<prefix>_orders`, ...) on this server
+    /// (`postgres://user@host:port`), created when missing.
+    Postgres { server: String, prefix: String },
 }
 
-impl Shop {
-    /// Opens the three databases under `dir` and starts every service.
-    pub(crate) async fn start(
-        dir: &Path,
-        transport: Arc<dyn Transport>,
-        config: &ShopConfig,
-    ) -> saga::Result<Self> {
-        let orders = open(dir, "orders", ORDER_TABLES).await?;
-        let stock = open(dir, "stock", STOCK_TABLES).await?;
-        let payment = open(dir, "payment", PAYMENT_TABLES).await?;
-        let mut workers = Vec::new();
-        for store in [&orders, &stock, &payment] {
-            workers.push(
-                Relay::new(
-                    store.clone(),
-                    Arc::clone(&transport),
-                    RelayConfig::default(),
-                )
-                .spawn(),
-            );
-        }
-        workers.push(
-            Participant::new(
-                "stock",
-                "stock.commands",
-                stock.clone(),
-                Arc::clone(&transport),
-            )
-            .on("stock.reserve", Stock { release: false })
-            .on("stock.release", Stock { release: true })
-            .spawn()
-            .await?,
-        );
-        let remote = StepConfig::default()
-            .deadline(config.deadline)
-            .retry(RetryPolicy::attempts(config.attempts))
-            .compensation_retry(RetryPolicy::attempts(10));
-        let orchestrator = Orchestrator::builder(
-            orders.clone(),
-            Arc::clone(&transport),
-            OrchestratorConfig::new("orders"),
-        )
-        .saga(
-            SagaDefinition::new("place-order")
-                .step(RecordOrder)
-                .step_with(ReserveStock, remote.clone())
-                .step_with(ProcessPayment, remote)
-                .step(ApproveOrder),
-        )
-        .build();
-        workers.push(orchestrator.spawn().await?);
-        let mut shop = Self {
-            orders,
-            stock,
-            payment,
-            transport,
-            orchestrator,
-            workers,
-            payment_worker: None,
-        };
-        shop.start_payment().await?;
-        Ok(shop)
-    }
-
-    /// Starts the payment service's consumer (again).
-    pub(crate) async fn start_payment(&mut self) -> saga::Result<()> {
-        if self.payment_worker.is_none() {
-            self.payment_worker = Some(
-                Participant::new(
-                    "payment",
-                    "payment.commands",
-                    self.payment.clone(),
-                    Arc::clone(&self.transport),
-                )
-                .on("payment.charge", Payment { refund: false })
-                .on("payment.refund", Payment { refund: true })
-                .spawn()
-                .await?,
-            );
-        }
-        Ok(())
-    }
-
-    /// Stops the payment service's consumer as a crash would.
-    pub(crate) async fn crash_payment(&mut self) {
-        if let Some(worker) = self.payment_worker.take() {
-            worker.abort().await;
+impl Databases {
+    /// Databases of their own for a part of a run (a directory below, or a longer prefix).
+    pub(crate) fn child(&self, name: &str) -> Self {
+        match self {
+            Self::Sqlite(dir) => Self::Sqlite(dir.join(name)),
+            Self::Postgres { server, prefix } => Self::Postgres {
+                server: server.clone(),
+                prefix: format!("{prefix}_{name}"),
+            },
         }
     }
+}
 
-    /// Stops everything cleanly.
-    pub(crate) async fn stop(mut self) {
-        if let Some(worker) = self.payment_worker.take() {
-            worker.shutdown().await;
-        }
-        for worker in self.workers {
-            worker.shutdown().await;
-        }
-    }
+/// Which services this process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Services {
+    pub(crate) order: bool,
+    pub(crate) stock: bool,
+    pub(crate) payment: bool,
+}
 
-    pub(crate) async fn put_stock(
+impl Services {
+    pub(crate) const ALL: Self = Self {
+        order: true,
+        stock: true,
+        payment: true,
+    };
+}
+
+/// What the scenarios and the HTTP API ask of the shop.
+#[async_trait]
+pub(crate) trait ShopApi: Send + Sync {
+    async fn put_stock(
         &self,
         product_id: &str,
         available: i64,
         unit_price: Cents,
-    ) -> saga::Result<()> {
-        sqlx::query(
-            "INSERT INTO products (product_id, available, reserved, unit_price_cents) VALUES ($1, $2, 0, $3)
-             ON CONFLICT (product_id) DO UPDATE SET available = $2, unit_price_cents = $3",
-        )
-        .bind(product_id)
-        .bind(available)
-        .bind(unit_price.0)
-        .execute(self.stock.pool())
-        .await
-        .map_err(|e| saga::Error::backend("PUT stock", true, e))?;
-        Ok(())
-    }
-
+    ) -> saga::Result<()>;
     /// (available, reserved)
-    pub(crate) async fn stock_of(&self, product_id: &str) -> saga::Result<Option<(i64, i64)>> {
-        let row = sqlx::query("SELECT available, reserved FROM products WHERE product_id = $1")
-            .bind(product_id)
-            .fetch_optional(self.stock.pool())
-            .await
-            .map_err(|e| saga::Error::backend("GET stock", true, e))?;
-        Ok(row.map(|r| (r.get("available"), r.get("reserved"))))
-    }
-
-    pub(crate) async fn put_wallet(&self, customer_id: &str, balance: Cents) -> saga::Result<()> {
-        sqlx::query(
-            "INSERT INTO wallets (customer_id, balance_cents) VALUES ($1, $2)
-             ON CONFLICT (customer_id) DO UPDATE SET balance_cents = $2",
-        )
-        .bind(customer_id)
-        .bind(balance.0)
-        .execute(self.payment.pool())
-        .await
-        .map_err(|e| saga::Error::backend("PUT wallet", true, e))?;
-        Ok(())
-    }
-
-    pub(crate) async fn wallet_of(&self, customer_id: &str) -> saga::Result<Option<Cents>> {
-        let row = sqlx::query("SELECT balance_cents FROM wallets WHERE customer_id = $1")
-            .bind(customer_id)
-            .fetch_optional(self.payment.pool())
-            .await
-            .map_err(|e| saga::Error::backend("GET wallet", true, e))?;
-        Ok(row.map(|r| Cents(r.get("balance_cents"))))
-    }
-
+    async fn stock_of(&self, product_id: &str) -> saga::Result<Option<(i64, i64)>>;
+    async fn put_wallet(&self, customer_id: &str, balance: Cents) -> saga::Result<()>;
+    async fn wallet_of(&self, customer_id: &str) -> saga::Result<Option<Cents>>;
     /// Stores the order PENDING and starts its saga, in one transaction.
-    pub(crate) async fn place_order(
-        &self,
-        customer_id: &str,
-        items: Vec<Item>,
-    ) -> saga::Result<String> {
-        let order_id = format!("order-{}", saga::MessageId::new());
-        let data = PlaceOrder {
-            order_id: order_id.clone(),
-            customer_id: customer_id.to_owned(),
-            items,
-            total: Cents(0),
-        };
-        let mut tx = self.orders.begin().await?;
-        let saga_id = self
-            .orchestrator
-            .start(&mut tx, "place-order", &data)
-            .await?;
-        sqlx::query("INSERT INTO orders (order_id, customer_id, items, status, saga_id) VALUES ($1, $2, $3, 'PENDING', $4)")
-            .bind(&order_id)
-            .bind(customer_id)
-            .bind(serde_json::to_string(&data.items)?)
-            .bind(saga_id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| saga::Error::backend("INSERT order", true, e))?;
-        self.orders.commit(tx).await?;
-        Ok(order_id)
-    }
-
+    async fn place_order(&self, customer_id: &str, items: Vec<Item>) -> saga::Result<String>;
     /// The order, its reason if cancelled, and its saga's steps.
-    pub(crate) async fn order(&self, order_id: &str) -> saga::Result<Option<OrderView>> {
-        let Some(row) =
-            sqlx::query("SELECT status, total_cents, saga_id FROM orders WHERE order_id = $1")
-                .bind(order_id)
-                .fetch_optional(self.orders.pool())
-                .await
-                .map_err(|e| saga::Error::backend("GET order", true, e))?
-        else {
-            return Ok(None);
-        };
-        let saga_id: SagaId = row
-            .get::<String, _>("saga_id")
-            .parse()
-            .map_err(|e| saga::Error::InvalidState(format!("saga id: {e:?}")))?;
-        let view = self
-            .orchestrator
-            .saga(saga_id)
-            .await?
-            .ok_or_else(|| saga::Error::NotFound(format!("saga {saga_id}")))?;
-        let history = &view.instance.history;
-        let reason = history
-            .iter()
-            .find(|e| matches!(e.status, StepStatus::Failed | StepStatus::TimedOut))
-            .map(|e| match e.status {
-                StepStatus::TimedOut => format!("{} timed out", e.step),
-                _ => e.error.clone().unwrap_or_default(),
-            });
-        let status: String = row.get("status");
-        Ok(Some(OrderView {
-            order_id: order_id.to_owned(),
-            reason: if status == "CANCELLED" { reason } else { None },
-            status,
-            total: row
-                .get::<Option<i64>, _>("total_cents")
-                .map(|c| Cents(c).to_string()),
-            saga: SagaSummary {
-                state: view.instance.state.as_str().to_owned(),
-                steps: history
-                    .iter()
-                    .map(|e| StepView {
-                        name: e.step.clone(),
-                        status: format!("{:?} {:?}", e.phase, e.status),
-                        at: e.at.to_rfc3339(),
-                        error: e.error.clone(),
-                    })
-                    .collect(),
-            },
-        }))
-    }
-
+    async fn order(&self, order_id: &str) -> saga::Result<Option<OrderView>>;
     /// The customer and lines of an order.
-    pub(crate) async fn order_lines(&self, order_id: &str) -> saga::Result<(String, Vec<Item>)> {
-        let row = sqlx::query("SELECT customer_id, items FROM orders WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_one(self.orders.pool())
-            .await
-            .map_err(|e| saga::Error::backend("GET order lines", true, e))?;
-        Ok((
-            row.get("customer_id"),
-            serde_json::from_str(row.get("items"))?,
-        ))
-    }
+    async fn order_lines(&self, order_id: &str) -> saga::Result<(String, Vec<Item>)>;
+    /// Whether this process reaches its databases.
+    async fn healthy(&self) -> bool;
+    /// Stops the payment service's consumer as a crash would.
+    async fn crash_payment(&self);
+    /// Starts the payment service's consumer (again).
+    async fn start_payment(&self) -> saga::Result<()>;
+    /// Stops every service cleanly.
+    async fn stop(&self);
 
     /// Waits until the order's saga has ended (or `patience` passed).
-    pub(crate) async fn settled(
-        &self,
-        order_id: &str,
-        patience: Duration,
-    ) -> saga::Result<OrderView> {
+    async fn settled(&self, order_id: &str, patience: Duration) -> saga::Result<OrderView> {
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             let view = self
@@ -672,10 +196,703 @@ impl Shop {
                 .await?
                 .ok_or_else(|| saga::Error::NotFound(order_id.to_owned()))?;
             let ended = SagaState::parse(&view.saga.state).is_some_and(SagaState::is_terminal);
-            if ended || tokio::time::Instant::now() >= deadline {
+            if ended {
+                // The order row was read before the saga: read it again, now
+                // that the saga's last transaction (which writes it) is in.
+                return self
+                    .order(order_id)
+                    .await?
+                    .ok_or_else(|| saga::Error::NotFound(order_id.to_owned()));
+            }
+            if tokio::time::Instant::now() >= deadline {
                 return Ok(view);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Opens the databases and starts `services`.
+pub(crate) async fn start(
+    databases: &Databases,
+    services: Services,
+    transport: Arc<dyn Transport>,
+    config: &ShopConfig,
+) -> saga::Result<Arc<dyn ShopApi>> {
+    Ok(match databases {
+        Databases::Sqlite(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| saga::Error::Config(format!("{}: {e}", dir.display())))?;
+            Arc::new(on_sqlite::start(dir, services, transport, config).await?)
+        }
+        Databases::Postgres { server, prefix } => {
+            Arc::new(on_postgres::start(server, prefix, services, transport, config).await?)
+        }
+    })
+}
+
+fn missing(service: &str) -> saga::Error {
+    saga::Error::Config(format!("this process does not run the {service} service"))
+}
+
+fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> saga::Error {
+    move |e| saga::Error::backend(context, true, e)
+}
+
+fn step_error(error: impl std::fmt::Display) -> saga::StepError {
+    saga::StepError::retryable(format!("database: {error}"))
+}
+
+/// The services on one kind of database: `$store` with transactions of `$db`.
+macro_rules! services_on {
+    ($store:ty, $db:ty) => {
+        use std::sync::Arc;
+
+        use async_trait::async_trait;
+        use saga::outbox::{Relay, RelayConfig};
+        use saga::{
+            CommandHandler, Message, Orchestrator, OrchestratorConfig, Participant, Reply,
+            RetryPolicy, SagaDefinition, SagaId, SagaStep, StepConfig, StepContext, StepError,
+            StepOutcome, StepStatus, Transactional, Transport, Worker,
+        };
+        use sqlx::Row;
+        use tokio::sync::Mutex;
+
+        use super::{
+            missing, step_error, Cents, Item, OrderView, PlaceOrder, Reserved, SagaSummary,
+            Services, ShopApi, ShopConfig, StepView,
+        };
+
+        type Tx = sqlx::Transaction<'static, $db>;
+
+
+        struct RecordOrder;
+
+        #[async_trait]
+        impl SagaStep<PlaceOrder, Tx> for RecordOrder {
+            fn name(&self) -> &str {
+                "record-order"
+            }
+
+            /// The order row is written by whoever starts the saga, in the same transaction.
+            async fn execute(
+                &self,
+                _: &mut StepContext<'_, Tx>,
+                _: &mut PlaceOrder,
+            ) -> Result<StepOutcome, StepError> {
+                Ok(StepOutcome::Done)
+            }
+
+            async fn compensate(
+                &self,
+                ctx: &mut StepContext<'_, Tx>,
+                order: &mut PlaceOrder,
+            ) -> Result<StepOutcome, StepError> {
+                sqlx::query("UPDATE orders SET status = 'CANCELLED' WHERE order_id = $1")
+                    .bind(&order.order_id)
+                    .execute(&mut **ctx.tx)
+                    .await
+                    .map_err(step_error)?;
+                Ok(StepOutcome::Done)
+            }
+        }
+
+        struct ReserveStock;
+
+        #[async_trait]
+        impl SagaStep<PlaceOrder, Tx> for ReserveStock {
+            fn name(&self) -> &str {
+                "reserve-stock"
+            }
+
+            async fn execute(
+                &self,
+                _: &mut StepContext<'_, Tx>,
+                order: &mut PlaceOrder,
+            ) -> Result<StepOutcome, StepError> {
+                StepOutcome::send_json("stock.commands", "stock.reserve", order)
+            }
+
+            async fn on_reply(&self, order: &mut PlaceOrder, reply: &Message) -> Result<(), StepError> {
+                let reserved: Reserved = reply.payload_json()?;
+                order.total = reserved.total;
+                Ok(())
+            }
+
+            async fn compensate(
+                &self,
+                _: &mut StepContext<'_, Tx>,
+                order: &mut PlaceOrder,
+            ) -> Result<StepOutcome, StepError> {
+                StepOutcome::send_json("stock.commands", "stock.release", order)
+            }
+        }
+
+        struct ProcessPayment;
+
+        #[async_trait]
+        impl SagaStep<PlaceOrder, Tx> for ProcessPayment {
+            fn name(&self) -> &str {
+                "process-payment"
+            }
+
+            async fn execute(
+                &self,
+                _: &mut StepContext<'_, Tx>,
+                order: &mut PlaceOrder,
+            ) -> Result<StepOutcome, StepError> {
+                StepOutcome::send_json("payment.commands", "payment.charge", order)
+            }
+
+            async fn compensate(
+                &self,
+                _: &mut StepContext<'_, Tx>,
+                order: &mut PlaceOrder,
+            ) -> Result<StepOutcome, StepError> {
+                StepOutcome::send_json("payment.commands", "payment.refund", order)
+            }
+        }
+
+        struct ApproveOrder;
+
+        #[async_trait]
+        impl SagaStep<PlaceOrder, Tx> for ApproveOrder {
+            fn name(&self) -> &str {
+                "approve-order"
+            }
+
+            async fn execute(
+                &self,
+                ctx: &mut StepContext<'_, Tx>,
+                order: &mut PlaceOrder,
+            ) -> Result<StepOutcome, StepError> {
+                sqlx::query("UPDATE orders SET status = 'CONFIRMED', total_cents = $2 WHERE order_id = $1")
+                    .bind(&order.order_id)
+                    .bind(order.total.0)
+                    .execute(&mut **ctx.tx)
+                    .await
+                    .map_err(step_error)?;
+                Ok(StepOutcome::Done)
+            }
+
+            async fn compensate(
+                &self,
+                _: &mut StepContext<'_, Tx>,
+                _: &mut PlaceOrder,
+            ) -> Result<StepOutcome, StepError> {
+                Ok(StepOutcome::Done)
+            }
+        }
+
+
+        /// The stock service: `stock.reserve` and `stock.release`.
+        struct Stock {
+            release: bool,
+        }
+
+        #[async_trait]
+        impl CommandHandler<Tx> for Stock {
+            async fn handle(&self, tx: &mut Tx, command: &Message) -> Result<Reply, StepError> {
+                let order: PlaceOrder = command.payload_json()?;
+                if self.release {
+                    let row =
+                        sqlx::query("SELECT items FROM reservations WHERE order_id = $1 AND released = 0")
+                            .bind(&order.order_id)
+                            .fetch_optional(&mut **tx)
+                            .await
+                            .map_err(step_error)?;
+                    if let Some(row) = row {
+                        let items: Vec<Item> = serde_json::from_str(row.get("items"))
+                            .map_err(|e| StepError::rejected(e.to_string()))?;
+                        for item in &items {
+                            sqlx::query("UPDATE products SET available = available + $2, reserved = reserved - $2 WHERE product_id = $1")
+                                .bind(&item.product_id)
+                                .bind(item.quantity)
+                                .execute(&mut **tx)
+                                .await
+                                .map_err(step_error)?;
+                        }
+                        sqlx::query("UPDATE reservations SET released = 1 WHERE order_id = $1")
+                            .bind(&order.order_id)
+                            .execute(&mut **tx)
+                            .await
+                            .map_err(step_error)?;
+                    }
+                    return Ok(Reply::empty("stock.released"));
+                }
+                let mut total = 0i64;
+                for item in &order.items {
+                    let row = sqlx::query(
+                        "SELECT available, unit_price_cents FROM products WHERE product_id = $1",
+                    )
+                    .bind(&item.product_id)
+                    .fetch_optional(&mut **tx)
+                    .await
+                    .map_err(step_error)?
+                    .ok_or_else(|| StepError::rejected(format!("unknown product {}", item.product_id)))?;
+                    let available: i64 = row.get("available");
+                    if available < item.quantity {
+                        return Err(StepError::rejected(format!(
+                            "out of stock: {} (available {available}, ordered {})",
+                            item.product_id, item.quantity
+                        )));
+                    }
+                    total += row.get::<i64, _>("unit_price_cents") * item.quantity;
+                }
+                for item in &order.items {
+                    sqlx::query("UPDATE products SET available = available - $2, reserved = reserved + $2 WHERE product_id = $1")
+                        .bind(&item.product_id)
+                        .bind(item.quantity)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(step_error)?;
+                }
+                sqlx::query("INSERT INTO reservations (order_id, items, released) VALUES ($1, $2, 0)")
+                    .bind(&order.order_id)
+                    .bind(
+                        serde_json::to_string(&order.items)
+                            .map_err(|e| StepError::rejected(e.to_string()))?,
+                    )
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(step_error)?;
+                Reply::json(
+                    "stock.reserved",
+                    &Reserved {
+                        total: Cents(total),
+                    },
+                )
+            }
+        }
+
+        /// The payment service: `payment.charge` and `payment.refund`.
+        struct Payment {
+            refund: bool,
+        }
+
+        #[async_trait]
+        impl CommandHandler<Tx> for Payment {
+            async fn handle(&self, tx: &mut Tx, command: &Message) -> Result<Reply, StepError> {
+                let order: PlaceOrder = command.payload_json()?;
+                if self.refund {
+                    let row = sqlx::query(
+                        "SELECT amount_cents FROM payments WHERE order_id = $1 AND refunded = 0",
+                    )
+                    .bind(&order.order_id)
+                    .fetch_optional(&mut **tx)
+                    .await
+                    .map_err(step_error)?;
+                    if let Some(row) = row {
+                        sqlx::query(
+                            "UPDATE wallets SET balance_cents = balance_cents + $2 WHERE customer_id = $1",
+                        )
+                        .bind(&order.customer_id)
+                        .bind(row.get::<i64, _>("amount_cents"))
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(step_error)?;
+                        sqlx::query("UPDATE payments SET refunded = 1 WHERE order_id = $1")
+                            .bind(&order.order_id)
+                            .execute(&mut **tx)
+                            .await
+                            .map_err(step_error)?;
+                    }
+                    return Ok(Reply::empty("payment.refunded"));
+                }
+                let balance: i64 = sqlx::query("SELECT balance_cents FROM wallets WHERE customer_id = $1")
+                    .bind(&order.customer_id)
+                    .fetch_optional(&mut **tx)
+                    .await
+                    .map_err(step_error)?
+                    .ok_or_else(|| StepError::rejected(format!("unknown customer {}", order.customer_id)))?
+                    .get("balance_cents");
+                if balance < order.total.0 {
+                    return Err(StepError::rejected(format!(
+                        "insufficient funds: balance {} < total {}",
+                        Cents(balance),
+                        order.total
+                    )));
+                }
+                sqlx::query("UPDATE wallets SET balance_cents = balance_cents - $2 WHERE customer_id = $1")
+                    .bind(&order.customer_id)
+                    .bind(order.total.0)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(step_error)?;
+                sqlx::query("INSERT INTO payments (order_id, amount_cents, refunded) VALUES ($1, $2, 0)")
+                    .bind(&order.order_id)
+                    .bind(order.total.0)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(step_error)?;
+                Ok(Reply::empty("payment.charged"))
+            }
+        }
+
+
+        /// The services this process runs, on their stores.
+        pub(crate) struct Node {
+            orders: Option<$store>,
+            stock: Option<$store>,
+            payment: Option<$store>,
+            transport: Arc<dyn Transport>,
+            orchestrator: Option<Orchestrator<$store>>,
+            workers: Mutex<Vec<Worker>>,
+            payment_worker: Mutex<Option<Worker>>,
+        }
+
+        impl Node {
+            /// Starts a relay per store, and each service whose store is given.
+            pub(crate) async fn start(
+                orders: Option<$store>,
+                stock: Option<$store>,
+                payment: Option<$store>,
+                transport: Arc<dyn Transport>,
+                config: &ShopConfig,
+            ) -> saga::Result<Self> {
+                let mut workers = Vec::new();
+                for store in [&orders, &stock, &payment].into_iter().flatten() {
+                    workers.push(
+                        Relay::new(store.clone(), Arc::clone(&transport), RelayConfig::default())
+                            .spawn(),
+                    );
+                }
+                if let Some(stock) = &stock {
+                    workers.push(
+                        Participant::new("stock", "stock.commands", stock.clone(), Arc::clone(&transport))
+                            .on("stock.reserve", Stock { release: false })
+                            .on("stock.release", Stock { release: true })
+                            .spawn()
+                            .await?,
+                    );
+                }
+                let orchestrator = match &orders {
+                    Some(orders) => {
+                        let remote = StepConfig::default()
+                            .deadline(config.deadline)
+                            .retry(RetryPolicy::attempts(config.attempts))
+                            .compensation_retry(RetryPolicy::attempts(10));
+                        let orchestrator = Orchestrator::builder(
+                            orders.clone(),
+                            Arc::clone(&transport),
+                            OrchestratorConfig::new("orders"),
+                        )
+                        .saga(
+                            SagaDefinition::new("place-order")
+                                .step(RecordOrder)
+                                .step_with(ReserveStock, remote.clone())
+                                .step_with(ProcessPayment, remote)
+                                .step(ApproveOrder),
+                        )
+                        .build();
+                        workers.push(orchestrator.spawn().await?);
+                        Some(orchestrator)
+                    }
+                    None => None,
+                };
+                let node = Self {
+                    orders,
+                    stock,
+                    payment,
+                    transport,
+                    orchestrator,
+                    workers: Mutex::new(workers),
+                    payment_worker: Mutex::new(None),
+                };
+                node.start_payment().await?;
+                Ok(node)
+            }
+
+            fn orders(&self) -> saga::Result<&$store> {
+                self.orders.as_ref().ok_or_else(|| missing("order"))
+            }
+
+            fn stock(&self) -> saga::Result<&$store> {
+                self.stock.as_ref().ok_or_else(|| missing("stock"))
+            }
+
+            fn payment(&self) -> saga::Result<&$store> {
+                self.payment.as_ref().ok_or_else(|| missing("payment"))
+            }
+
+            fn orchestrator(&self) -> saga::Result<&Orchestrator<$store>> {
+                self.orchestrator.as_ref().ok_or_else(|| missing("order"))
+            }
+        }
+
+        #[async_trait]
+        impl ShopApi for Node {
+        async fn put_stock(
+            &self,
+            product_id: &str,
+            available: i64,
+            unit_price: Cents,
+        ) -> saga::Result<()> {
+            sqlx::query(
+                "INSERT INTO products (product_id, available, reserved, unit_price_cents) VALUES ($1, $2, 0, $3)
+                 ON CONFLICT (product_id) DO UPDATE SET available = $2, unit_price_cents = $3",
+            )
+            .bind(product_id)
+            .bind(available)
+            .bind(unit_price.0)
+            .execute(self.stock()?.pool())
+            .await
+            .map_err(|e| saga::Error::backend("PUT stock", true, e))?;
+            Ok(())
+        }
+        /// (available, reserved)
+        async fn stock_of(&self, product_id: &str) -> saga::Result<Option<(i64, i64)>> {
+            let row = sqlx::query("SELECT available, reserved FROM products WHERE product_id = $1")
+                .bind(product_id)
+                .fetch_optional(self.stock()?.pool())
+                .await
+                .map_err(|e| saga::Error::backend("GET stock", true, e))?;
+            Ok(row.map(|r| (r.get("available"), r.get("reserved"))))
+        }
+        async fn put_wallet(&self, customer_id: &str, balance: Cents) -> saga::Result<()> {
+            sqlx::query(
+                "INSERT INTO wallets (customer_id, balance_cents) VALUES ($1, $2)
+                 ON CONFLICT (customer_id) DO UPDATE SET balance_cents = $2",
+            )
+            .bind(customer_id)
+            .bind(balance.0)
+            .execute(self.payment()?.pool())
+            .await
+            .map_err(|e| saga::Error::backend("PUT wallet", true, e))?;
+            Ok(())
+        }
+        async fn wallet_of(&self, customer_id: &str) -> saga::Result<Option<Cents>> {
+            let row = sqlx::query("SELECT balance_cents FROM wallets WHERE customer_id = $1")
+                .bind(customer_id)
+                .fetch_optional(self.payment()?.pool())
+                .await
+                .map_err(|e| saga::Error::backend("GET wallet", true, e))?;
+            Ok(row.map(|r| Cents(r.get("balance_cents"))))
+        }
+        /// Stores the order PENDING and starts its saga, in one transaction.
+        async fn place_order(
+            &self,
+            customer_id: &str,
+            items: Vec<Item>,
+        ) -> saga::Result<String> {
+            let order_id = format!("order-{}", saga::MessageId::new());
+            let data = PlaceOrder {
+                order_id: order_id.clone(),
+                customer_id: customer_id.to_owned(),
+                items,
+                total: Cents(0),
+            };
+            let orders = self.orders()?;
+            let orchestrator = self.orchestrator()?;
+            let mut tx = orders.begin().await?;
+            let saga_id = orchestrator
+                .start(&mut tx, "place-order", &data)
+                .await?;
+            sqlx::query("INSERT INTO orders (order_id, customer_id, items, status, saga_id) VALUES ($1, $2, $3, 'PENDING', $4)")
+                .bind(&order_id)
+                .bind(customer_id)
+                .bind(serde_json::to_string(&data.items)?)
+                .bind(saga_id.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| saga::Error::backend("INSERT order", true, e))?;
+            orders.commit(tx).await?;
+            Ok(order_id)
+        }
+        /// The order, its reason if cancelled, and its saga's steps.
+        async fn order(&self, order_id: &str) -> saga::Result<Option<OrderView>> {
+            let Some(row) =
+                sqlx::query("SELECT status, total_cents, saga_id FROM orders WHERE order_id = $1")
+                    .bind(order_id)
+                    .fetch_optional(self.orders()?.pool())
+                    .await
+                    .map_err(|e| saga::Error::backend("GET order", true, e))?
+            else {
+                return Ok(None);
+            };
+            let saga_id: SagaId = row
+                .get::<String, _>("saga_id")
+                .parse()
+                .map_err(|e| saga::Error::InvalidState(format!("saga id: {e:?}")))?;
+            let view = self
+                .orchestrator()?
+                .saga(saga_id)
+                .await?
+                .ok_or_else(|| saga::Error::NotFound(format!("saga {saga_id}")))?;
+            let history = &view.instance.history;
+            let reason = history
+                .iter()
+                .find(|e| matches!(e.status, StepStatus::Failed | StepStatus::TimedOut))
+                .map(|e| match e.status {
+                    StepStatus::TimedOut => format!("{} timed out", e.step),
+                    _ => e.error.clone().unwrap_or_default(),
+                });
+            let status: String = row.get("status");
+            Ok(Some(OrderView {
+                order_id: order_id.to_owned(),
+                reason: if status == "CANCELLED" { reason } else { None },
+                status,
+                total: row
+                    .get::<Option<i64>, _>("total_cents")
+                    .map(|c| Cents(c).to_string()),
+                saga: SagaSummary {
+                    state: view.instance.state.as_str().to_owned(),
+                    steps: history
+                        .iter()
+                        .map(|e| StepView {
+                            name: e.step.clone(),
+                            status: format!("{:?} {:?}", e.phase, e.status),
+                            at: e.at.to_rfc3339(),
+                            error: e.error.clone(),
+                        })
+                        .collect(),
+                },
+            }))
+        }
+        /// The customer and lines of an order.
+        async fn order_lines(&self, order_id: &str) -> saga::Result<(String, Vec<Item>)> {
+            let row = sqlx::query("SELECT customer_id, items FROM orders WHERE order_id = $1")
+                .bind(order_id)
+                .fetch_one(self.orders()?.pool())
+                .await
+                .map_err(|e| saga::Error::backend("GET order lines", true, e))?;
+            Ok((
+                row.get("customer_id"),
+                serde_json::from_str(row.get("items"))?,
+            ))
+        }
+
+            async fn healthy(&self) -> bool {
+                for store in [&self.orders, &self.stock, &self.payment].into_iter().flatten() {
+                    if sqlx::query("SELECT 1").execute(store.pool()).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            }
+
+            async fn crash_payment(&self) {
+                if let Some(worker) = self.payment_worker.lock().await.take() {
+                    worker.abort().await;
+                }
+            }
+
+            async fn start_payment(&self) -> saga::Result<()> {
+                let Some(payment) = &self.payment else {
+                    return Ok(());
+                };
+                let mut worker = self.payment_worker.lock().await;
+                if worker.is_none() {
+                    *worker = Some(
+                        Participant::new("payment", "payment.commands", payment.clone(), Arc::clone(&self.transport))
+                            .on("payment.charge", Payment { refund: false })
+                            .on("payment.refund", Payment { refund: true })
+                            .spawn()
+                            .await?,
+                    );
+                }
+                Ok(())
+            }
+
+            async fn stop(&self) {
+                if let Some(worker) = self.payment_worker.lock().await.take() {
+                    worker.shutdown().await;
+                }
+                for worker in std::mem::take(&mut *self.workers.lock().await) {
+                    worker.shutdown().await;
+                }
+            }
+        }
+
+        /// Opens (or not) each service's store, creates its tables, starts the services.
+        async fn services(
+            services: Services,
+            mut open: impl AsyncFnMut(&'static str, &'static str) -> saga::Result<$store>,
+            transport: Arc<dyn Transport>,
+            config: &ShopConfig,
+        ) -> saga::Result<Node> {
+            let mut store = async |wanted: bool, name: &'static str, tables: &'static str| -> saga::Result<Option<$store>> {
+                if !wanted {
+                    return Ok(None);
+                }
+                let store = open(name, tables).await?;
+                sqlx::raw_sql(tables)
+                    .execute(store.pool())
+                    .await
+                    .map_err(|e| saga::Error::backend("creating the business tables", false, e))?;
+                Ok(Some(store))
+            };
+            let orders = store(services.order, "orders", super::ORDER_TABLES).await?;
+            let stock = store(services.stock, "stock", super::STOCK_TABLES).await?;
+            let payment = store(services.payment, "payment", super::PAYMENT_TABLES).await?;
+            Node::start(orders, stock, payment, transport, config).await
+        }
+    };
+}
+
+mod on_sqlite {
+    use std::path::Path;
+
+    use saga::sql::SqliteStore;
+
+    services_on!(SqliteStore, sqlx::Sqlite);
+
+    /// One SQLite file per service under `dir`.
+    pub(crate) async fn start(
+        dir: &Path,
+        wanted: Services,
+        transport: Arc<dyn Transport>,
+        config: &ShopConfig,
+    ) -> saga::Result<Node> {
+        let open = async |name: &'static str, _: &'static str| {
+            SqliteStore::connect(&format!(
+                "sqlite://{}",
+                dir.join(format!("{name}.db")).display()
+            ))
+            .await
+        };
+        services(wanted, open, transport, config).await
+    }
+}
+
+mod on_postgres {
+    use saga::sql::PostgresStore;
+
+    services_on!(PostgresStore, sqlx::Postgres);
+
+    /// One database per service on `server`, created when missing.
+    pub(crate) async fn start(
+        server: &str,
+        prefix: &str,
+        wanted: Services,
+        transport: Arc<dyn Transport>,
+        config: &ShopConfig,
+    ) -> saga::Result<Node> {
+        let open = async |name: &'static str, _: &'static str| {
+            let database = format!("{prefix}_{name}");
+            let admin = sqlx::PgPool::connect(&format!("{server}/postgres"))
+                .await
+                .map_err(super::db("connecting to PostgreSQL"))?;
+            let exists = sqlx::query("SELECT 1 FROM pg_database WHERE datname = $1")
+                .bind(&database)
+                .fetch_optional(&admin)
+                .await
+                .map_err(super::db("looking for the database"))?
+                .is_some();
+            if !exists {
+                // Two processes may race to create it: the loser's error is harmless.
+                let _ = sqlx::query(&format!("CREATE DATABASE \"{database}\""))
+                    .execute(&admin)
+                    .await;
+            }
+            admin.close().await;
+            let pool = sqlx::PgPool::connect(&format!("{server}/{database}"))
+                .await
+                .map_err(super::db("connecting to the service database"))?;
+            let store = PostgresStore::with_schema(pool, "saga")?;
+            store.migrate().await?;
+            Ok(store)
+        };
+        services(wanted, open, transport, config).await
     }
 }
