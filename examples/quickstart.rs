@@ -161,7 +161,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> saga::Result<bool> {
-    let transport = transport::connect(&transport::chosen()).await?;
+    let transport = transport::connect(&transport::chosen(), &transport::run_prefix()).await?;
     let (orders, stock, payment) = (MemoryStore::new(), MemoryStore::new(), MemoryStore::new());
 
     // Initial business data, committed like any other write.

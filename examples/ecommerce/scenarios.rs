@@ -183,7 +183,7 @@ async fn payment_crash(shop: &dyn ShopApi) -> saga::Result<(String, String, bool
     shop.put_wallet("erin", Cents(5_000)).await?;
     shop.crash_payment().await;
     let id = shop.place_order("erin", vec![item("mug", 1)]).await?;
-    let reached = until_history(shop, &id, "process-payment Forward Sent").await?;
+    let reached = until_history(shop, &id, "process-payment sent").await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     shop.start_payment().await?;
     let view = shop.settled(&id, PATIENCE).await?;
@@ -248,11 +248,11 @@ async fn deadline(
     shop.put_wallet("frank", Cents(50_000)).await?;
     shop.crash_payment().await;
     let id = shop.place_order("frank", vec![item("desk", 1)]).await?;
-    let timed_out = until_history(shop, &id, "process-payment Forward TimedOut").await?;
+    let timed_out = until_history(shop, &id, "process-payment timed out").await?;
     shop.start_payment().await?;
     let view = shop.settled(&id, PATIENCE).await?;
     // The late charge reply arrives while (or after) compensating: ignored.
-    let ignored = until_history(shop, &id, "IgnoredReply").await?;
+    let ignored = until_history(shop, &id, "ignored a late reply").await?;
     let wallet = shop.wallet_of("frank").await?.unwrap_or_default();
     let stock = shop.stock_of("desk").await?.unwrap_or_default();
     let ok = timed_out
@@ -379,7 +379,8 @@ pub(crate) async fn run_all(
     databases: &Databases,
     transport_name: &str,
 ) -> saga::Result<Vec<Outcome>> {
-    let connect = || crate::transport::connect(transport_name);
+    let prefix = crate::transport::run_prefix();
+    let connect = || crate::transport::connect(transport_name, &prefix);
     let mut outcomes = Vec::new();
     let mut record = |scenario: &'static str, started: Instant, result: (String, String, bool)| {
         outcomes.push(Outcome {

@@ -231,6 +231,23 @@ pub(crate) async fn start(
     })
 }
 
+/// A step event's status in words: `succeeded`, `compensation timed out`...
+fn step_status(phase: saga::Phase, status: saga::StepStatus) -> String {
+    use saga::StepStatus as S;
+    let status = match status {
+        S::Sent => "sent",
+        S::Succeeded => "succeeded",
+        S::Failed => "failed",
+        S::TimedOut => "timed out",
+        S::IgnoredReply => "ignored a late reply",
+        S::RetryRequested => "retry requested",
+    };
+    match phase {
+        saga::Phase::Compensation => format!("compensation {status}"),
+        saga::Phase::Forward => status.to_owned(),
+    }
+}
+
 fn missing(service: &str) -> saga::Error {
     saga::Error::Config(format!("this process does not run the {service} service"))
 }
@@ -259,7 +276,7 @@ macro_rules! services_on {
         use tokio::sync::Mutex;
 
         use super::{
-            missing, step_error, Cents, Item, OrderView, PlaceOrder, Reserved, SagaSummary,
+            missing, step_error, step_status, Cents, Item, OrderView, PlaceOrder, Reserved, SagaSummary,
             Services, ShopApi, ShopConfig, StepView,
         };
 
@@ -741,7 +758,7 @@ macro_rules! services_on {
                         .iter()
                         .map(|e| StepView {
                             name: e.step.clone(),
-                            status: format!("{:?} {:?}", e.phase, e.status),
+                            status: step_status(e.phase, e.status),
                             at: e.at.to_rfc3339(),
                             error: e.error.clone(),
                         })

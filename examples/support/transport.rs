@@ -15,15 +15,18 @@ pub(crate) fn chosen() -> String {
     }
 }
 
-/// Connects to the transport called `name` (addresses from the environment),
-/// with topics, queues or streams of this run's own.
-pub(crate) async fn connect(name: &str) -> saga::Result<Arc<dyn Transport>> {
-    // Names of this run's own, so that runs never see each other's messages.
-    #[cfg_attr(
-        not(any(feature = "kafka", feature = "amqp", feature = "redis")),
-        allow(unused_variables)
-    )]
-    let prefix = format!("run-{}.", saga::MessageId::new());
+/// A prefix for topic, queue and stream names that no other run uses.
+pub(crate) fn run_prefix() -> String {
+    format!("run-{}.", saga::MessageId::new())
+}
+
+/// Connects to the transport called `name` (addresses from the environment);
+/// every topic, queue or stream name starts with `prefix`.
+#[cfg_attr(
+    not(any(feature = "kafka", feature = "amqp", feature = "redis")),
+    allow(unused_variables)
+)]
+pub(crate) async fn connect(name: &str, prefix: &str) -> saga::Result<Arc<dyn Transport>> {
     Ok(match name {
         "memory" => Arc::new(saga::memory::MemoryTransport::default()),
         #[cfg(feature = "kafka")]
