@@ -38,7 +38,7 @@ impl ApiError {
         }
     }
 
-    fn not_found(what: String) -> Self {
+    fn not_found(what: &str) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,
             error: format!("{what} not found"),
@@ -158,7 +158,7 @@ async fn get_order(
     let view = shop
         .order(&id)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("order {id}")))?;
+        .ok_or_else(|| ApiError::not_found(&format!("order {id}")))?;
     Ok(Json(view))
 }
 
@@ -191,7 +191,7 @@ async fn get_stock(
     let (available, reserved) = shop
         .stock_of(&product_id)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("product {product_id}")))?;
+        .ok_or_else(|| ApiError::not_found(&format!("product {product_id}")))?;
     Ok(Json(
         json!({ "available": available, "reserved": reserved }),
     ))
@@ -216,7 +216,7 @@ async fn get_wallet(
     let balance = shop
         .wallet_of(&customer_id)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("wallet {customer_id}")))?;
+        .ok_or_else(|| ApiError::not_found(&format!("wallet {customer_id}")))?;
     Ok(Json(json!({ "balance": balance.to_string() })))
 }
 

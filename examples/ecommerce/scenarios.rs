@@ -399,6 +399,11 @@ pub(crate) async fn run_all(
         &ShopConfig::default(),
     )
     .await?;
+    if !shop.healthy().await {
+        return Err(saga::Error::Unavailable(format!(
+            "the service databases ({databases:?}) cannot be reached"
+        )));
+    }
     let started = Instant::now();
     record("1 happy path", started, happy_path(shop.as_ref()).await?);
     let started = Instant::now();
