@@ -1,6 +1,7 @@
 //! The e-commerce example's scenarios (examples/ecommerce) on every backend
-//! combination this build has: SQLite files with the in-memory transport,
-//! and PostgreSQL with each broker transport enabled by a feature.
+//! combination this build has, orchestrated and choreographed: SQLite files
+//! with the in-memory transport, and PostgreSQL with each broker transport
+//! enabled by a feature.
 //!
 //! One combination at a time: scenario 8 loads the machine, and the
 //! scenarios' deadlines are real time.
@@ -21,9 +22,13 @@ fn run_id() -> String {
     id[id.len() - 12..].to_owned()
 }
 
-async fn every_scenario(databases: Databases, transport: &str) {
+async fn every_scenario(databases: Databases, transport: &str, choreography: bool) {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let outcomes = match scenarios::run_all(&databases, transport).await {
+    let config = shop::ShopConfig {
+        choreography,
+        ..shop::ShopConfig::default()
+    };
+    let outcomes = match scenarios::run_all(&databases, transport, &config).await {
         Ok(outcomes) => outcomes,
         Err(error) if error.is_retryable() => {
             let _ = saga_core::testing::unavailable::<()>(
@@ -47,15 +52,29 @@ async fn every_scenario(databases: Databases, transport: &str) {
             )
         })
         .collect();
-    assert_eq!(outcomes.len(), 8, "every scenario ran");
+    // Scenario 7 (a step deadline) exists only with an orchestrator.
+    assert_eq!(
+        outcomes.len(),
+        if choreography { 7 } else { 8 },
+        "every scenario ran"
+    );
     assert!(failed.is_empty(), "on {transport}:\n{}", failed.join("\n"));
+}
+
+async fn every_scenario_on_sqlite(choreography: bool) {
+    let dir = std::env::temp_dir().join(format!("saga-ecommerce-test-{}", run_id()));
+    every_scenario(Databases::Sqlite(dir.clone()), "memory", choreography).await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_on_sqlite_and_memory() {
-    let dir = std::env::temp_dir().join(format!("saga-ecommerce-test-{}", run_id()));
-    every_scenario(Databases::Sqlite(dir.clone()), "memory").await;
-    let _ = std::fs::remove_dir_all(&dir);
+    every_scenario_on_sqlite(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_on_sqlite_and_memory_by_choreography() {
+    every_scenario_on_sqlite(true).await;
 }
 
 /// The PostgreSQL server for the service databases (`ECOMMERCE_POSTGRES`),
@@ -102,10 +121,13 @@ impl Postgres {
 }
 
 #[cfg(any(feature = "kafka", feature = "amqp", feature = "redis"))]
+/// Both modes, one after the other.
 async fn every_scenario_on_postgres(transport: &str) {
-    let postgres = Postgres::new();
-    every_scenario(postgres.databases(), transport).await;
-    postgres.drop_databases().await;
+    for choreography in [false, true] {
+        let postgres = Postgres::new();
+        every_scenario(postgres.databases(), transport, choreography).await;
+        postgres.drop_databases().await;
+    }
 }
 
 #[cfg(feature = "kafka")]

@@ -27,6 +27,10 @@
 //! transport does not cross processes.
 //!
 //! Options:
+//! - `--mode orchestration|choreography` (default orchestration): the Order
+//!   service runs the saga, or every service reacts to the others' events
+//!   and the order's saga is its event log (scenario 7, a step deadline,
+//!   exists only with an orchestrator);
 //! - `--transport memory|kafka|amqp|redis` (default `memory`; addresses from
 //!   `KAFKA_BROKERS`, `AMQP_URL`, `REDIS_URL`);
 //! - `--database-url URL`: `sqlite://DIR` (one file per service in DIR;
@@ -86,6 +90,23 @@ fn databases(keep: bool) -> Result<Databases, String> {
     }
 }
 
+/// Orchestration (default) or choreography, from `--mode`.
+fn shop_config() -> Result<ShopConfig, String> {
+    let choreography = match option("--mode").as_deref() {
+        None | Some("orchestration") => false,
+        Some("choreography") => true,
+        Some(other) => {
+            return Err(format!(
+                "--mode {other:?}: use orchestration or choreography"
+            ));
+        }
+    };
+    Ok(ShopConfig {
+        choreography,
+        ..ShopConfig::default()
+    })
+}
+
 /// `serve` (every service) or `service NAME` (one), with the HTTP API.
 async fn serve(services: Services) -> ExitCode {
     let name = transport::chosen();
@@ -103,9 +124,16 @@ async fn serve(services: Services) -> ExitCode {
         }
     };
     let listen = option("--listen").unwrap_or_else(|| "127.0.0.1:3000".into());
+    let config = match shop_config() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
     let started = async {
         let transport = transport::connect(&name, &format!("{}.", instance())).await?;
-        shop::start(&databases, services, transport, &ShopConfig::default()).await
+        shop::start(&databases, services, transport, &config).await
     };
     let shop = match started.await {
         Ok(shop) => shop,
@@ -163,17 +191,22 @@ async fn main() -> ExitCode {
         }
     }
     let transport = transport::chosen();
-    let databases = match databases(false) {
-        Ok(databases) => databases,
+    let (databases, config) = match databases(false).and_then(|d| Ok((d, shop_config()?))) {
+        Ok(both) => both,
         Err(error) => {
             eprintln!("error: {error}");
             return ExitCode::from(2);
         }
     };
     println!(
-        "e-commerce saga demo: one database per service ({databases:?}), transport {transport}\n"
+        "e-commerce saga demo: {}, one database per service ({databases:?}), transport {transport}\n",
+        if config.choreography {
+            "choreography"
+        } else {
+            "orchestration"
+        }
     );
-    let outcomes = match scenarios::run_all(&databases, &transport).await {
+    let outcomes = match scenarios::run_all(&databases, &transport, &config).await {
         Ok(outcomes) => outcomes,
         Err(error) => {
             eprintln!("error: {error}");

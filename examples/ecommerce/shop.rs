@@ -67,7 +67,7 @@ pub(crate) struct Reserved {
 
 const ORDER_TABLES: &str = "CREATE TABLE IF NOT EXISTS orders (
     order_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL, items TEXT NOT NULL,
-    total_cents BIGINT, status TEXT NOT NULL, saga_id TEXT NOT NULL)";
+    total_cents BIGINT, status TEXT NOT NULL, reason TEXT, saga_id TEXT NOT NULL)";
 const STOCK_TABLES: &str = "CREATE TABLE IF NOT EXISTS products (
     product_id TEXT PRIMARY KEY, available BIGINT NOT NULL, reserved BIGINT NOT NULL,
     unit_price_cents BIGINT NOT NULL);
@@ -85,6 +85,8 @@ pub(crate) struct ShopConfig {
     pub(crate) deadline: Duration,
     /// How often a remote step is tried (a timeout counts as a try).
     pub(crate) attempts: u32,
+    /// Events between the services instead of an orchestrator.
+    pub(crate) choreography: bool,
 }
 
 impl Default for ShopConfig {
@@ -92,6 +94,7 @@ impl Default for ShopConfig {
         Self {
             deadline: Duration::from_secs(10),
             attempts: 3,
+            choreography: false,
         }
     }
 }
@@ -268,9 +271,9 @@ macro_rules! services_on {
         use async_trait::async_trait;
         use saga::outbox::{Relay, RelayConfig};
         use saga::{
-            CommandHandler, Message, Orchestrator, OrchestratorConfig, Participant, Reply,
+            CommandHandler, EventConsumer, EventContext, EventHandler, Message, Orchestrator, OrchestratorConfig, Participant, Reply,
             RetryPolicy, SagaDefinition, SagaId, SagaStep, StepConfig, StepContext, StepError,
-            StepOutcome, StepStatus, Transactional, Transport, Worker,
+            StepOutcome, StepStatus, SagaStore, Transactional, Transport, Worker,
         };
         use sqlx::Row;
         use tokio::sync::Mutex;
@@ -412,74 +415,76 @@ macro_rules! services_on {
             async fn handle(&self, tx: &mut Tx, command: &Message) -> Result<Reply, StepError> {
                 let order: PlaceOrder = command.payload_json()?;
                 if self.release {
-                    let row =
-                        sqlx::query("SELECT items FROM reservations WHERE order_id = $1 AND released = 0")
-                            .bind(&order.order_id)
-                            .fetch_optional(&mut **tx)
-                            .await
-                            .map_err(step_error)?;
-                    if let Some(row) = row {
-                        let items: Vec<Item> = serde_json::from_str(row.get("items"))
-                            .map_err(|e| StepError::rejected(e.to_string()))?;
-                        for item in &items {
-                            sqlx::query("UPDATE products SET available = available + $2, reserved = reserved - $2 WHERE product_id = $1")
-                                .bind(&item.product_id)
-                                .bind(item.quantity)
-                                .execute(&mut **tx)
-                                .await
-                                .map_err(step_error)?;
-                        }
-                        sqlx::query("UPDATE reservations SET released = 1 WHERE order_id = $1")
-                            .bind(&order.order_id)
-                            .execute(&mut **tx)
-                            .await
-                            .map_err(step_error)?;
-                    }
+                    release(tx, &order.order_id).await?;
                     return Ok(Reply::empty("stock.released"));
                 }
-                let mut total = 0i64;
-                for item in &order.items {
-                    let row = sqlx::query(
-                        "SELECT available, unit_price_cents FROM products WHERE product_id = $1",
-                    )
+                let total = reserve(tx, &order).await?;
+                Reply::json("stock.reserved", &Reserved { total })
+            }
+        }
+
+        /// Reserves every line of `order`, or none; returns the order's total.
+        async fn reserve(tx: &mut Tx, order: &PlaceOrder) -> Result<Cents, StepError> {
+            let mut total = 0i64;
+            for item in &order.items {
+                let row = sqlx::query("SELECT available, unit_price_cents FROM products WHERE product_id = $1")
                     .bind(&item.product_id)
                     .fetch_optional(&mut **tx)
                     .await
                     .map_err(step_error)?
                     .ok_or_else(|| StepError::rejected(format!("unknown product {}", item.product_id)))?;
-                    let available: i64 = row.get("available");
-                    if available < item.quantity {
-                        return Err(StepError::rejected(format!(
-                            "out of stock: {} (available {available}, ordered {})",
-                            item.product_id, item.quantity
-                        )));
-                    }
-                    total += row.get::<i64, _>("unit_price_cents") * item.quantity;
+                let available: i64 = row.get("available");
+                if available < item.quantity {
+                    return Err(StepError::rejected(format!(
+                        "out of stock: {} (available {available}, ordered {})",
+                        item.product_id, item.quantity
+                    )));
                 }
-                for item in &order.items {
-                    sqlx::query("UPDATE products SET available = available - $2, reserved = reserved + $2 WHERE product_id = $1")
-                        .bind(&item.product_id)
-                        .bind(item.quantity)
-                        .execute(&mut **tx)
-                        .await
-                        .map_err(step_error)?;
-                }
-                sqlx::query("INSERT INTO reservations (order_id, items, released) VALUES ($1, $2, 0)")
-                    .bind(&order.order_id)
-                    .bind(
-                        serde_json::to_string(&order.items)
-                            .map_err(|e| StepError::rejected(e.to_string()))?,
-                    )
+                total += row.get::<i64, _>("unit_price_cents") * item.quantity;
+            }
+            for item in &order.items {
+                sqlx::query("UPDATE products SET available = available - $2, reserved = reserved + $2 WHERE product_id = $1")
+                    .bind(&item.product_id)
+                    .bind(item.quantity)
                     .execute(&mut **tx)
                     .await
                     .map_err(step_error)?;
-                Reply::json(
-                    "stock.reserved",
-                    &Reserved {
-                        total: Cents(total),
-                    },
-                )
             }
+            sqlx::query("INSERT INTO reservations (order_id, items, released) VALUES ($1, $2, 0)")
+                .bind(&order.order_id)
+                .bind(serde_json::to_string(&order.items).map_err(|e| StepError::rejected(e.to_string()))?)
+                .execute(&mut **tx)
+                .await
+                .map_err(step_error)?;
+            Ok(Cents(total))
+        }
+
+        /// Gives back what was reserved for `order_id`, if anything still is.
+        async fn release(tx: &mut Tx, order_id: &str) -> Result<(), StepError> {
+            let row = sqlx::query("SELECT items FROM reservations WHERE order_id = $1 AND released = 0")
+                .bind(order_id)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(step_error)?;
+            let Some(row) = row else {
+                return Ok(());
+            };
+            let items: Vec<Item> =
+                serde_json::from_str(row.get("items")).map_err(|e| StepError::rejected(e.to_string()))?;
+            for item in &items {
+                sqlx::query("UPDATE products SET available = available + $2, reserved = reserved - $2 WHERE product_id = $1")
+                    .bind(&item.product_id)
+                    .bind(item.quantity)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(step_error)?;
+            }
+            sqlx::query("UPDATE reservations SET released = 1 WHERE order_id = $1")
+                .bind(order_id)
+                .execute(&mut **tx)
+                .await
+                .map_err(step_error)?;
+            Ok(())
         }
 
         /// The payment service: `payment.charge` and `payment.refund`.
@@ -516,39 +521,139 @@ macro_rules! services_on {
                     }
                     return Ok(Reply::empty("payment.refunded"));
                 }
-                let balance: i64 = sqlx::query("SELECT balance_cents FROM wallets WHERE customer_id = $1")
-                    .bind(&order.customer_id)
-                    .fetch_optional(&mut **tx)
-                    .await
-                    .map_err(step_error)?
-                    .ok_or_else(|| StepError::rejected(format!("unknown customer {}", order.customer_id)))?
-                    .get("balance_cents");
-                if balance < order.total.0 {
-                    return Err(StepError::rejected(format!(
-                        "insufficient funds: balance {} < total {}",
-                        Cents(balance),
-                        order.total
-                    )));
-                }
-                sqlx::query("UPDATE wallets SET balance_cents = balance_cents - $2 WHERE customer_id = $1")
-                    .bind(&order.customer_id)
-                    .bind(order.total.0)
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(step_error)?;
-                sqlx::query("INSERT INTO payments (order_id, amount_cents, refunded) VALUES ($1, $2, 0)")
-                    .bind(&order.order_id)
-                    .bind(order.total.0)
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(step_error)?;
+                charge(tx, &order).await?;
                 Ok(Reply::empty("payment.charged"))
             }
         }
 
 
+        /// Debits the order's total from the customer's wallet, or refuses.
+        async fn charge(tx: &mut Tx, order: &PlaceOrder) -> Result<(), StepError> {
+        let balance: i64 = sqlx::query("SELECT balance_cents FROM wallets WHERE customer_id = $1")
+            .bind(&order.customer_id)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(step_error)?
+            .ok_or_else(|| StepError::rejected(format!("unknown customer {}", order.customer_id)))?
+            .get("balance_cents");
+        if balance < order.total.0 {
+            return Err(StepError::rejected(format!(
+                "insufficient funds: balance {} < total {}",
+                Cents(balance),
+                order.total
+            )));
+        }
+        sqlx::query("UPDATE wallets SET balance_cents = balance_cents - $2 WHERE customer_id = $1")
+            .bind(&order.customer_id)
+            .bind(order.total.0)
+            .execute(&mut **tx)
+            .await
+            .map_err(step_error)?;
+        sqlx::query("INSERT INTO payments (order_id, amount_cents, refunded) VALUES ($1, $2, 0)")
+            .bind(&order.order_id)
+            .bind(order.total.0)
+            .execute(&mut **tx)
+            .await
+            .map_err(step_error)?;
+            Ok(())
+        }
+
+        /// What an order's fate events carry.
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Fate {
+            order_id: String,
+            reason: Option<String>,
+            total: Option<Cents>,
+        }
+
+        /// Choreography, stock service: an order was placed; reserve or refuse.
+        struct OnOrderPlaced;
+
+        #[async_trait]
+        impl EventHandler<Tx> for OnOrderPlaced {
+            async fn handle(&self, ctx: &mut EventContext<'_, Tx>, event: &Message) -> Result<(), StepError> {
+                let mut order: PlaceOrder = event.payload_json()?;
+                match reserve(ctx.tx, &order).await {
+                    Ok(total) => {
+                        order.total = total;
+                        ctx.emit_json("stock.events", "stock.reserved", &order)
+                    }
+                    Err(refused) if !refused.retryable => ctx.emit_json(
+                        "stock.events",
+                        "stock.rejected",
+                        &Fate { order_id: order.order_id, reason: Some(refused.message), total: None },
+                    ),
+                    Err(error) => Err(error),
+                }
+            }
+        }
+
+        /// Choreography, stock service: payment was declined; release the stock.
+        struct OnPaymentDeclined;
+
+        #[async_trait]
+        impl EventHandler<Tx> for OnPaymentDeclined {
+            async fn handle(&self, ctx: &mut EventContext<'_, Tx>, event: &Message) -> Result<(), StepError> {
+                let fate: Fate = event.payload_json()?;
+                release(ctx.tx, &fate.order_id).await?;
+                ctx.emit_json("stock.events", "stock.released", &fate)
+            }
+        }
+
+        /// Choreography, payment service: stock is reserved; charge or decline.
+        struct OnStockReserved;
+
+        #[async_trait]
+        impl EventHandler<Tx> for OnStockReserved {
+            async fn handle(&self, ctx: &mut EventContext<'_, Tx>, event: &Message) -> Result<(), StepError> {
+                let order: PlaceOrder = event.payload_json()?;
+                match charge(ctx.tx, &order).await {
+                    Ok(()) => ctx.emit_json(
+                        "payment.events",
+                        "payment.charged",
+                        &Fate { order_id: order.order_id, reason: None, total: Some(order.total) },
+                    ),
+                    Err(refused) if !refused.retryable => ctx.emit_json(
+                        "payment.events",
+                        "payment.declined",
+                        &Fate { order_id: order.order_id, reason: Some(refused.message), total: None },
+                    ),
+                    Err(error) => Err(error),
+                }
+            }
+        }
+
+        /// Choreography, order service: every event of the flow is logged; the
+        /// ones that decide the order's fate set its status.
+        struct OrderFate {
+            status: Option<&'static str>,
+        }
+
+        #[async_trait]
+        impl EventHandler<Tx> for OrderFate {
+            async fn handle(&self, ctx: &mut EventContext<'_, Tx>, event: &Message) -> Result<(), StepError> {
+                let Some(status) = self.status else {
+                    return Ok(());
+                };
+                let fate: Fate = event.payload_json()?;
+                sqlx::query(
+                    "UPDATE orders SET status = $2, reason = $3, total_cents = COALESCE($4, total_cents)
+                     WHERE order_id = $1 AND status = 'PENDING'",
+                )
+                .bind(&fate.order_id)
+                .bind(status)
+                .bind(&fate.reason)
+                .bind(fate.total.map(|t| t.0))
+                .execute(&mut **ctx.tx)
+                .await
+                .map_err(step_error)?;
+                Ok(())
+            }
+        }
+
         /// The services this process runs, on their stores.
         pub(crate) struct Node {
+            choreography: bool,
             orders: Option<$store>,
             stock: Option<$store>,
             payment: Option<$store>,
@@ -574,7 +679,30 @@ macro_rules! services_on {
                             .spawn(),
                     );
                 }
-                if let Some(stock) = &stock {
+                if config.choreography {
+                    if let Some(stock) = &stock {
+                        workers.push(
+                            EventConsumer::new("stock", ["orders.events", "payment.events"], stock.clone(), Arc::clone(&transport))
+                                .on("order.placed", OnOrderPlaced)
+                                .on("payment.declined", OnPaymentDeclined)
+                                .spawn()
+                                .await?,
+                        );
+                    }
+                    if let Some(orders) = &orders {
+                        let fate = |status| OrderFate { status };
+                        workers.push(
+                            EventConsumer::new("orders", ["stock.events", "payment.events"], orders.clone(), Arc::clone(&transport))
+                                .on("stock.reserved", fate(None))
+                                .on("stock.rejected", fate(Some("CANCELLED")))
+                                .on("stock.released", fate(Some("CANCELLED")))
+                                .on("payment.charged", fate(Some("CONFIRMED")))
+                                .on("payment.declined", fate(None))
+                                .spawn()
+                                .await?,
+                        );
+                    }
+                } else if let Some(stock) = &stock {
                     workers.push(
                         Participant::new("stock", "stock.commands", stock.clone(), Arc::clone(&transport))
                             .on("stock.reserve", Stock { release: false })
@@ -584,7 +712,7 @@ macro_rules! services_on {
                     );
                 }
                 let orchestrator = match &orders {
-                    Some(orders) => {
+                    Some(orders) if !config.choreography => {
                         let remote = StepConfig::default()
                             .deadline(config.deadline)
                             .retry(RetryPolicy::attempts(config.attempts))
@@ -605,9 +733,10 @@ macro_rules! services_on {
                         workers.push(orchestrator.spawn().await?);
                         Some(orchestrator)
                     }
-                    None => None,
+                    _ => None,
                 };
                 let node = Self {
+                    choreography: config.choreography,
                     orders,
                     stock,
                     payment,
@@ -618,6 +747,35 @@ macro_rules! services_on {
                 };
                 node.start_payment().await?;
                 Ok(node)
+            }
+
+            /// An order of the choreographed flow: its saga is its log.
+            async fn choreographed(&self, order_id: &str, row: &<$db as sqlx::Database>::Row) -> saga::Result<OrderView> {
+                let status: String = row.get("status");
+                let log = SagaStore::log(self.orders()?, order_id).await?;
+                Ok(OrderView {
+                    order_id: order_id.to_owned(),
+                    reason: row.get("reason"),
+                    total: row.get::<Option<i64>, _>("total_cents").map(|c| Cents(c).to_string()),
+                    saga: SagaSummary {
+                        state: match status.as_str() {
+                            "CONFIRMED" => "COMPLETED",
+                            "CANCELLED" => "COMPENSATED",
+                            _ => "RUNNING",
+                        }
+                        .to_owned(),
+                        steps: log
+                            .iter()
+                            .map(|entry| StepView {
+                                name: entry.message_type.clone(),
+                                status: format!("{} by {}", entry.status.as_str().to_lowercase(), entry.consumer),
+                                at: entry.at.to_rfc3339(),
+                                error: entry.error.clone(),
+                            })
+                            .collect(),
+                    },
+                    status,
+                })
             }
 
             fn orders(&self) -> saga::Result<&$store> {
@@ -700,16 +858,25 @@ macro_rules! services_on {
                 total: Cents(0),
             };
             let orders = self.orders()?;
-            let orchestrator = self.orchestrator()?;
             let mut tx = orders.begin().await?;
-            let saga_id = orchestrator
-                .start(&mut tx, "place-order", &data)
-                .await?;
+            let saga_id = if self.choreography {
+                // The flow's first event, logged under the order id.
+                let placed = Message::json("order.placed", &data)?
+                    .with_correlation_id(order_id.clone())
+                    .with_ordering_key(order_id.clone());
+                saga::choreography::emit(orders, &mut tx, "orders", "orders.events", placed).await?;
+                String::new()
+            } else {
+                self.orchestrator()?
+                    .start(&mut tx, "place-order", &data)
+                    .await?
+                    .to_string()
+            };
             sqlx::query("INSERT INTO orders (order_id, customer_id, items, status, saga_id) VALUES ($1, $2, $3, 'PENDING', $4)")
                 .bind(&order_id)
                 .bind(customer_id)
                 .bind(serde_json::to_string(&data.items)?)
-                .bind(saga_id.to_string())
+                .bind(saga_id)
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| saga::Error::backend("INSERT order", true, e))?;
@@ -719,7 +886,7 @@ macro_rules! services_on {
         /// The order, its reason if cancelled, and its saga's steps.
         async fn order(&self, order_id: &str) -> saga::Result<Option<OrderView>> {
             let Some(row) =
-                sqlx::query("SELECT status, total_cents, saga_id FROM orders WHERE order_id = $1")
+                sqlx::query("SELECT status, reason, total_cents, saga_id FROM orders WHERE order_id = $1")
                     .bind(order_id)
                     .fetch_optional(self.orders()?.pool())
                     .await
@@ -727,6 +894,9 @@ macro_rules! services_on {
             else {
                 return Ok(None);
             };
+            if self.choreography {
+                return self.choreographed(order_id, &row).await.map(Some);
+            }
             let saga_id: SagaId = row
                 .get::<String, _>("saga_id")
                 .parse()
@@ -799,7 +969,14 @@ macro_rules! services_on {
                     return Ok(());
                 };
                 let mut worker = self.payment_worker.lock().await;
-                if worker.is_none() {
+                if worker.is_none() && self.choreography {
+                    *worker = Some(
+                        EventConsumer::new("payment", ["stock.events"], payment.clone(), Arc::clone(&self.transport))
+                            .on("stock.reserved", OnStockReserved)
+                            .spawn()
+                            .await?,
+                    );
+                } else if worker.is_none() {
                     *worker = Some(
                         Participant::new("payment", "payment.commands", payment.clone(), Arc::clone(&self.transport))
                             .on("payment.charge", Payment { refund: false })
