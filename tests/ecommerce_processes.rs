@@ -1,5 +1,5 @@
 //! The e-commerce example as three processes (order, stock, payment) on
-//! PostgreSQL and Redis Streams. While 500 orders go in over HTTP, a random
+//! PostgreSQL and Redis Streams, orchestrated and choreographed. While 500 orders go in over HTTP, a random
 //! service is SIGKILLed and started again, several times. Afterwards, read
 //! straight from the three databases: no order is PENDING, and stock and
 //! money add up exactly (scenario 8's invariants).
@@ -118,6 +118,19 @@ async fn call(port: u16, method: &str, path: &str, body: &str) -> (u16, serde_js
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_killed_with_sigkill_lose_nothing() {
+    sigkill_services("orchestration").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn choreographed_services_killed_with_sigkill_lose_nothing() {
+    sigkill_services("choreography").await;
+}
+
+/// One test at a time: each loads the machine with three processes.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn sigkill_services(mode: &str) {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let binary = example_binary();
     assert!(
         binary.exists(),
@@ -141,6 +154,8 @@ async fn services_killed_with_sigkill_lose_nothing() {
         server.clone(),
         "--instance".to_owned(),
         instance.clone(),
+        "--mode".to_owned(),
+        mode.to_owned(),
     ];
     let mut services: Vec<Service> = ["order", "stock", "payment"]
         .into_iter()
@@ -212,9 +227,16 @@ async fn services_killed_with_sigkill_lose_nothing() {
     }
     let mut rng = fastrand::Rng::with_seed(42);
     let mut killed = Vec::new();
-    for _ in 0..KILLS {
+    let first = rng.usize(..3);
+    for kill in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(rng.u64(300..1200))).await;
-        let victim = &mut services[rng.usize(..3)];
+        // Each service once, in a random rotation, then at random.
+        let index = if kill < 3 {
+            (first + kill) % 3
+        } else {
+            rng.usize(..3)
+        };
+        let victim = &mut services[index];
         killed.push(victim.name);
         victim.kill();
         tokio::time::sleep(Duration::from_millis(rng.u64(100..800))).await;
@@ -302,7 +324,7 @@ async fn services_killed_with_sigkill_lose_nothing() {
             "{id}: money appeared or vanished"
         );
     }
-    eprintln!("{statuses:?} after SIGKILLs of {killed:?}");
+    eprintln!("{mode}: {statuses:?} after SIGKILLs of {killed:?}");
 
     for service in &mut services {
         service.kill();
