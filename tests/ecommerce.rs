@@ -79,13 +79,19 @@ async fn every_scenario_on_sqlite_and_memory_by_choreography() {
 
 /// The PostgreSQL server for the service databases (`ECOMMERCE_POSTGRES`),
 /// and a guard that drops the run's databases afterwards.
-#[cfg(any(feature = "kafka", feature = "amqp", feature = "redis"))]
+#[cfg(all(
+    feature = "postgres",
+    any(feature = "kafka", feature = "amqp", feature = "redis")
+))]
 struct Postgres {
     server: String,
     prefix: String,
 }
 
-#[cfg(any(feature = "kafka", feature = "amqp", feature = "redis"))]
+#[cfg(all(
+    feature = "postgres",
+    any(feature = "kafka", feature = "amqp", feature = "redis")
+))]
 impl Postgres {
     fn new() -> Self {
         Self {
@@ -120,7 +126,10 @@ impl Postgres {
     }
 }
 
-#[cfg(any(feature = "kafka", feature = "amqp", feature = "redis"))]
+#[cfg(all(
+    feature = "postgres",
+    any(feature = "kafka", feature = "amqp", feature = "redis")
+))]
 /// Both modes, one after the other.
 async fn every_scenario_on_postgres(transport: &str) {
     for choreography in [false, true] {
@@ -130,19 +139,19 @@ async fn every_scenario_on_postgres(transport: &str) {
     }
 }
 
-#[cfg(feature = "kafka")]
+#[cfg(all(feature = "postgres", feature = "kafka"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_on_postgres_and_kafka() {
     every_scenario_on_postgres("kafka").await;
 }
 
-#[cfg(feature = "amqp")]
+#[cfg(all(feature = "postgres", feature = "amqp"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_on_postgres_and_rabbitmq() {
     every_scenario_on_postgres("amqp").await;
 }
 
-#[cfg(feature = "redis")]
+#[cfg(all(feature = "postgres", feature = "redis"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_on_postgres_and_redis() {
     every_scenario_on_postgres("redis").await;

@@ -228,8 +228,15 @@ pub(crate) async fn start(
                 .map_err(|e| saga::Error::Config(format!("{}: {e}", dir.display())))?;
             Arc::new(on_sqlite::start(dir, services, transport, config).await?)
         }
+        #[cfg(feature = "postgres")]
         Databases::Postgres { server, prefix } => {
             Arc::new(on_postgres::start(server, prefix, services, transport, config).await?)
+        }
+        #[cfg(not(feature = "postgres"))]
+        Databases::Postgres { .. } => {
+            return Err(saga::Error::Config(
+                "built without PostgreSQL: add `--features postgres`".into(),
+            ));
         }
     })
 }
@@ -255,6 +262,7 @@ fn missing(service: &str) -> saga::Error {
     saga::Error::Config(format!("this process does not run the {service} service"))
 }
 
+#[cfg(feature = "postgres")]
 fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> saga::Error {
     move |e| saga::Error::backend(context, true, e)
 }
@@ -1049,6 +1057,7 @@ mod on_sqlite {
     }
 }
 
+#[cfg(feature = "postgres")]
 mod on_postgres {
     use saga::sql::PostgresStore;
 

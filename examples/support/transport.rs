@@ -24,7 +24,7 @@ pub(crate) fn run_prefix() -> String {
 /// every topic, queue or stream name starts with `prefix`.
 #[cfg_attr(
     not(any(feature = "kafka", feature = "amqp", feature = "redis")),
-    allow(unused_variables)
+    allow(unused_variables, clippy::unused_async)
 )]
 pub(crate) async fn connect(name: &str, prefix: &str) -> saga::Result<Arc<dyn Transport>> {
     Ok(match name {
