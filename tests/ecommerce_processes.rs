@@ -355,3 +355,139 @@ async fn redis_reachable(url: &str) -> Result<(), String> {
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
+
+/// The HTTP API as documented: status codes, error bodies naming the field,
+/// nothing stored for invalid input, the order view with its saga's steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_api_answers_as_documented() {
+    let dir = std::env::temp_dir().join(unique("saga-ecommerce-http"));
+    let mut shop = Service {
+        name: "all",
+        port: free_port(),
+        args: vec![
+            "--database-url".into(),
+            format!("sqlite://{}", dir.display()),
+        ],
+        child: None,
+    };
+    // `serve`, not `service NAME`: every route on one listener, in memory.
+    let child = Command::new(example_binary())
+        .arg("serve")
+        .args(&shop.args)
+        .args(["--listen", &format!("127.0.0.1:{}", shop.port)])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the example binary starts");
+    shop.child = Some(child);
+    shop.until_healthy().await;
+    let port = shop.port;
+
+    let (status, body) = call(
+        port,
+        "PUT",
+        "/stock/book",
+        r#"{"available": 10, "unit_price": "12.50"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        call(port, "PUT", "/wallets/alice", r#"{"balance": "100.00"}"#)
+            .await
+            .0,
+        200
+    );
+    let (status, body) = call(port, "PUT", "/wallets/bob", r#"{"balance": 12.5}"#).await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (422, Some("balance")),
+        "money as a float is refused"
+    );
+
+    let invalid = [
+        (
+            r#"{"customer_id": "alice", "items": [{"product_id": "book", "quantity": 0}]}"#,
+            422,
+            Some("items[0].quantity"),
+        ),
+        (
+            r#"{"customer_id": "alice", "items": [{"quantity": 1}]}"#,
+            422,
+            Some("items[0].product_id"),
+        ),
+        (
+            r#"{"items": [{"product_id": "book", "quantity": 1}]}"#,
+            422,
+            Some("customer_id"),
+        ),
+        (
+            r#"{"customer_id": "alice", "items": []}"#,
+            422,
+            Some("items"),
+        ),
+        (r#"{"customer_id": "alice", "items": ["#, 400, None),
+    ];
+    for (body, expected, field) in invalid {
+        let (status, answer) = call(port, "POST", "/orders", body).await;
+        assert_eq!(status, expected, "{body} → {answer}");
+        assert!(answer["error"].is_string(), "an error message: {answer}");
+        assert_eq!(answer["field"].as_str(), field, "{body} → {answer}");
+    }
+
+    let (status, placed) = call(
+        port,
+        "POST",
+        "/orders",
+        r#"{"customer_id": "alice", "items": [{"product_id": "book", "quantity": 2}]}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{placed}");
+    assert_eq!(placed["status"], "PENDING");
+    let id = placed["order_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let view = loop {
+        let (status, view) = call(port, "GET", &format!("/orders/{id}"), "").await;
+        assert_eq!(status, 200);
+        if view["status"] != "PENDING" || Instant::now() > deadline {
+            break view;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(view["status"], "CONFIRMED", "{view}");
+    assert_eq!(view["reason"], serde_json::Value::Null);
+    assert_eq!(view["saga"]["state"], "COMPLETED");
+    let steps = view["saga"]["steps"].as_array().unwrap();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s["name"] == "process-payment" && s["status"] == "succeeded"),
+        "{view}"
+    );
+    assert!(
+        steps
+            .iter()
+            .all(|s| s["at"].is_string() && s.get("error").is_some()),
+        "{view}"
+    );
+    assert_eq!(call(port, "GET", "/orders/no-such-order", "").await.0, 404);
+    let (_, stock) = call(port, "GET", "/stock/book", "").await;
+    assert_eq!(
+        (stock["available"].as_i64(), stock["reserved"].as_i64()),
+        (Some(8), Some(2))
+    );
+    let (_, wallet) = call(port, "GET", "/wallets/alice", "").await;
+    assert_eq!(wallet["balance"], "75.00");
+    assert_eq!(call(port, "GET", "/stock/unknown", "").await.0, 404);
+
+    shop.kill();
+    // Only the valid order was stored.
+    let orders = sqlx::SqlitePool::connect(&format!("sqlite://{}/orders.db", dir.display()))
+        .await
+        .unwrap();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&orders)
+        .await
+        .unwrap();
+    assert_eq!(stored, 1, "invalid requests stored nothing");
+    orders.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
