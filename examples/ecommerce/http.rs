@@ -226,7 +226,7 @@ async fn health(State(shop): State<Shop>) -> impl IntoResponse {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "database unreachable" })),
+            Json(json!({ "status": "database or broker unreachable" })),
         )
     }
 }

@@ -62,6 +62,10 @@ impl Transport for Twice {
             .collect()
     }
 
+    async fn check(&self) -> saga::Result<()> {
+        self.0.check().await
+    }
+
     async fn subscribe(
         &self,
         group: &str,

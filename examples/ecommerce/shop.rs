@@ -181,7 +181,7 @@ pub(crate) trait ShopApi: Send + Sync {
     async fn order(&self, order_id: &str) -> saga::Result<Option<OrderView>>;
     /// The customer and lines of an order.
     async fn order_lines(&self, order_id: &str) -> saga::Result<(String, Vec<Item>)>;
-    /// Whether this process reaches its databases.
+    /// Whether this process reaches its databases and its broker.
     async fn healthy(&self) -> bool;
     /// Stops the payment service's consumer as a crash would.
     async fn crash_payment(&self);
@@ -958,6 +958,9 @@ macro_rules! services_on {
         }
 
             async fn healthy(&self) -> bool {
+                if self.transport.check().await.is_err() {
+                    return false;
+                }
                 for store in [&self.orders, &self.stock, &self.payment].into_iter().flatten() {
                     if sqlx::query("SELECT 1").execute(store.pool()).await.is_err() {
                         return false;

@@ -292,6 +292,11 @@ impl Transport for AmqpTransport {
         results
     }
 
+    /// The publishing connection is open, or can be opened again.
+    async fn check(&self) -> Result<()> {
+        self.publisher(&[]).await.map(|_| ())
+    }
+
     async fn subscribe(&self, group: &str, channels: &[String]) -> Result<Box<dyn Subscription>> {
         if channels.is_empty() {
             return Err(Error::Config("subscribe needs at least one channel".into()));

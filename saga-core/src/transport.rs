@@ -41,6 +41,13 @@ pub trait Transport: Send + Sync + 'static {
     /// the messages; every group receives every message.
     async fn subscribe(&self, group: &str, channels: &[String]) -> Result<Box<dyn Subscription>>;
 
+    /// Whether the broker answers now (for health endpoints); reconnects
+    /// first where the transport holds a connection. The default answers
+    /// `Ok`: a transport with no connection to lose.
+    async fn check(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// The channel where messages rejected from `channel` end up.
     fn dead_letter_channel(&self, channel: &str) -> String {
         format!("{channel}.dlq")

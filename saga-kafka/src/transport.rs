@@ -257,6 +257,20 @@ impl Transport for KafkaTransport {
         results
     }
 
+    /// A broker returns the cluster's metadata within 5 s.
+    async fn check(&self) -> Result<()> {
+        let producer = self.inner.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(5))
+                .map(|_| ())
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("Kafka metadata probe: {e}")))?
+        .map_err(kafka("metadata"))
+    }
+
     async fn subscribe(&self, group: &str, channels: &[String]) -> Result<Box<dyn Subscription>> {
         if channels.is_empty() {
             return Err(Error::Config("subscribe needs at least one channel".into()));

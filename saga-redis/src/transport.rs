@@ -173,6 +173,16 @@ impl Transport for RedisTransport {
             .collect()
     }
 
+    /// `PING`.
+    async fn check(&self) -> Result<()> {
+        let mut conn = self.shared.conn.clone();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis("PING"))?;
+        Ok(())
+    }
+
     async fn subscribe(&self, group: &str, channels: &[String]) -> Result<Box<dyn Subscription>> {
         if channels.is_empty() {
             return Err(Error::Config("subscribe needs at least one channel".into()));

@@ -147,6 +147,7 @@ macro_rules! transport_conformance {
             transport,
             $setup,
             [
+                check_passes_while_the_broker_runs,
                 published_message_is_delivered,
                 envelope_round_trips,
                 acked_message_is_not_redelivered,

@@ -57,6 +57,11 @@ fn label(delivery: &Delivery) -> String {
     String::from_utf8_lossy(&delivery.message.payload).into_owned()
 }
 
+/// A reachable broker passes the health check.
+pub async fn check_passes_while_the_broker_runs<T: Transport>(transport: T) {
+    transport.check().await.expect("the broker answers");
+}
+
 /// A published message reaches a subscribed group with its id, type and payload.
 pub async fn published_message_is_delivered<T: Transport>(transport: T) {
     let channel = unique("events");
