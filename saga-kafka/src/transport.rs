@@ -75,6 +75,20 @@ fn millis(duration: Duration) -> String {
     duration.as_millis().to_string()
 }
 
+/// Asks a broker for the cluster's metadata, waiting at most 5 s.
+async fn probe(producer: &FutureProducer) -> Result<()> {
+    let producer = producer.clone();
+    tokio::task::spawn_blocking(move || {
+        producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(5))
+            .map(|_| ())
+    })
+    .await
+    .map_err(|e| Error::Unavailable(format!("Kafka metadata probe: {e}")))?
+    .map_err(kafka("metadata"))
+}
+
 impl KafkaTransport {
     /// Connects to Kafka: builds the producer and checks that a broker answers.
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
@@ -88,16 +102,9 @@ impl KafkaTransport {
         let admin: AdminClient<DefaultClientContext> = client_config(&config)
             .create()
             .map_err(|e| Error::Config(format!("Kafka admin client: {e}")))?;
-        let probe = producer.clone();
-        tokio::task::spawn_blocking(move || {
-            probe
-                .client()
-                .fetch_metadata(None, Duration::from_secs(5))
-                .map(|_| ())
-        })
-        .await
-        .map_err(|e| Error::Unavailable(format!("Kafka metadata probe: {e}")))?
-        .map_err(|e| Error::Unavailable(format!("Kafka at {}: {e}", config.brokers)))?;
+        probe(&producer)
+            .await
+            .map_err(|e| Error::Unavailable(format!("Kafka at {}: {e}", config.brokers)))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -259,16 +266,7 @@ impl Transport for KafkaTransport {
 
     /// A broker returns the cluster's metadata within 5 s.
     async fn check(&self) -> Result<()> {
-        let producer = self.inner.producer.clone();
-        tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(None, Duration::from_secs(5))
-                .map(|_| ())
-        })
-        .await
-        .map_err(|e| Error::Unavailable(format!("Kafka metadata probe: {e}")))?
-        .map_err(kafka("metadata"))
+        probe(&self.inner.producer).await
     }
 
     async fn subscribe(&self, group: &str, channels: &[String]) -> Result<Box<dyn Subscription>> {
