@@ -23,6 +23,9 @@ pub struct RedisConfig {
     pub reclaim_idle: Duration,
     /// Deliveries after which a message goes to the dead-letter stream.
     pub max_deliveries: u32,
+    /// A group member idle this long with nothing pending is removed from
+    /// the group (`XGROUP DELCONSUMER`), so restarts do not pile up members.
+    pub forget_idle: Duration,
     /// How long one command may take before it fails as retryable.
     pub response_timeout: Duration,
     /// How long the idempotency store keeps a record (Redis expiry).
@@ -42,6 +45,7 @@ impl Default for RedisConfig {
             batch: 32,
             reclaim_idle: Duration::from_secs(30),
             max_deliveries: 5,
+            forget_idle: Duration::from_secs(3600),
             response_timeout: Duration::from_secs(5),
             retention: Duration::from_secs(7 * 24 * 3600),
             lock_timeout: Duration::from_secs(30),
@@ -105,6 +109,13 @@ impl RedisConfig {
     #[must_use]
     pub fn max_deliveries(mut self, deliveries: u32) -> Self {
         self.max_deliveries = deliveries.max(1);
+        self
+    }
+
+    /// Sets the idle time after which a member with nothing pending is removed.
+    #[must_use]
+    pub fn forget_idle(mut self, idle: Duration) -> Self {
+        self.forget_idle = idle;
         self
     }
 

@@ -13,6 +13,7 @@
 //! | dead member | its pending entries are taken over by `XAUTOCLAIM` after [`RedisConfig::reclaim_idle`] |
 //! | dead letter | `XADD` to `<channel>.dlq` with the error and `XACK`, in one `MULTI` |
 //! | attempts | the group's delivery counter (`XPENDING`) |
+//! | members that went away | removed after [`RedisConfig::forget_idle`] with nothing pending |
 //!
 //! Not guaranteed: order per ordering key when several members of one group
 //! read the same stream (Redis hands entries to whichever member asks). With
@@ -24,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::streams::{StreamAutoClaimReply, StreamClaimReply, StreamId, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimReply, StreamClaimReply, StreamId, StreamInfoConsumersReply, StreamReadReply,
+};
 use redis::{Client, Value};
 use saga_core::transport::{Acknowledger, Capabilities, Delivery, Subscription, Transport};
 use saga_core::wire::{self, headers};
@@ -332,6 +335,36 @@ impl RedisSubscription {
                     entry,
                     attempt,
                 });
+            }
+            self.forget_idle_members(stream).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes members that have been idle for [`RedisConfig::forget_idle`]
+    /// with nothing pending: what is left of consumers that went away.
+    async fn forget_idle_members(&self, stream: usize) -> Result<()> {
+        let key = &self.streams[stream].1;
+        let mut conn = self.shared.conn.clone();
+        let members: StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(key)
+            .arg(&self.group)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis("XINFO CONSUMERS"))?;
+        let forget = self.config().forget_idle.as_millis();
+        for member in members.consumers {
+            if member.pending == 0 && member.name != self.consumer && member.idle as u128 >= forget
+            {
+                let _: i64 = redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(key)
+                    .arg(&self.group)
+                    .arg(&member.name)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis("XGROUP DELCONSUMER"))?;
             }
         }
         Ok(())

@@ -164,6 +164,56 @@ async fn redis_cli_reads_a_published_message() {
     assert_eq!(value("data"), r#"{"order":7}"#);
 }
 
+/// A member that went away is removed from the group once idle long
+/// enough with nothing pending; the live one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_that_went_away_are_forgotten() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    let transport = RedisTransport::connect(
+        transport
+            .config()
+            .clone()
+            .forget_idle(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
+    let channel = unique("events");
+    let mut gone = transport
+        .subscribe("billing", std::slice::from_ref(&channel))
+        .await
+        .unwrap();
+    transport
+        .publish(&channel, &Message::new("tick", b"1".to_vec()))
+        .await
+        .unwrap();
+    gone.next().await.unwrap().ack().await.unwrap();
+    drop(gone);
+    let mut live = transport
+        .subscribe("billing", std::slice::from_ref(&channel))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    transport
+        .publish(&channel, &Message::new("tick", b"2".to_vec()))
+        .await
+        .unwrap();
+    live.next().await.unwrap().ack().await.unwrap();
+    // The reclaim pass that runs before reading does the clean-up.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), live.next()).await;
+    let mut conn = raw(transport.config()).await;
+    let members: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(transport.stream_key(&channel))
+        .arg("billing")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(members.consumers.len(), 1, "{:?}", members.consumers);
+}
+
 /// A trimmed stream keeps about `max_len` entries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_are_trimmed_to_about_max_len() {
