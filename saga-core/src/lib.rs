@@ -72,10 +72,14 @@
 //! 3. For a transport, implement [`Transport`], [`Subscription`] and
 //!    [`Acknowledger`]: confirm publishes before returning, map the envelope
 //!    with [`wire::to_headers`] and [`wire::from_headers`], dead-letter what
-//!    does not decode, and report honest [`Capabilities`].
+//!    does not decode, make a dropped [`Delivery`] come again, answer
+//!    [`Transport::check`] from the broker, and report honest [`Capabilities`].
 //! 4. In your tests, call the suites of [`testing`] with a setup function that
 //!    reaches your real service and returns `None` (after printing why) when it
-//!    is unreachable and `SAGA_REQUIRE_SERVICES` is not `1`.
+//!    is unreachable and `SAGA_REQUIRE_SERVICES` is not `1`. A transport also
+//!    calls `testing::transport::messages_survive_a_broker_restart` from a
+//!    test binary of its own, with a hook that restarts the real broker
+//!    (saga-redis, saga-amqp and saga-kafka show three ways).
 //! 5. Map native error codes to [`Error::is_retryable`]: serialization
 //!    failures, deadlocks, broker retriable codes are retryable; syntax and
 //!    authorization errors are not.
