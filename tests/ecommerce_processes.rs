@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use saga_core::testing::{unavailable, unique};
+use saga_core::testing::{free_port, unavailable, unique};
 use sqlx::{PgPool, Row};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -26,14 +26,6 @@ fn example_binary() -> PathBuf {
         .and_then(|deps| deps.parent())
         .expect("target/<profile>/deps");
     profile_dir.join("examples").join("ecommerce")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One HTTP/1.1 request; `None` when the service cannot be reached.

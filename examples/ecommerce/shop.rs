@@ -199,15 +199,7 @@ pub(crate) trait ShopApi: Send + Sync {
                 .await?
                 .ok_or_else(|| saga::Error::NotFound(order_id.to_owned()))?;
             let ended = SagaState::parse(&view.saga.state).is_some_and(SagaState::is_terminal);
-            if ended {
-                // The order row was read before the saga: read it again, now
-                // that the saga's last transaction (which writes it) is in.
-                return self
-                    .order(order_id)
-                    .await?
-                    .ok_or_else(|| saga::Error::NotFound(order_id.to_owned()));
-            }
-            if tokio::time::Instant::now() >= deadline {
+            if ended || tokio::time::Instant::now() >= deadline {
                 return Ok(view);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -914,6 +906,14 @@ macro_rules! services_on {
                 .saga(saga_id)
                 .await?
                 .ok_or_else(|| saga::Error::NotFound(format!("saga {saga_id}")))?;
+            // Status and total after the saga: the saga's last transaction
+            // writes them, so a terminal saga is never shown beside a stale
+            // PENDING read before it.
+            let row = sqlx::query("SELECT status, total_cents FROM orders WHERE order_id = $1")
+                .bind(order_id)
+                .fetch_one(self.orders()?.pool())
+                .await
+                .map_err(|e| saga::Error::backend("GET order", true, e))?;
             let history = &view.instance.history;
             let reason = history
                 .iter()

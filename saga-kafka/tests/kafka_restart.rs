@@ -9,7 +9,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use saga_core::testing::{transport, unavailable, unique};
+use saga_core::testing::{free_port, transport, unavailable, unique};
 use saga_kafka::{KafkaConfig, KafkaTransport};
 
 struct Broker {
@@ -106,14 +106,6 @@ async fn until_up(port: u16) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("nisshi on port {port} did not come up");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// SIGKILL and restart mid-stream: nothing confirmed is lost; producer and

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use redis::streams::StreamRangeReply;
-use saga_core::testing::{PATIENCE, unavailable, unique};
+use saga_core::testing::{PATIENCE, free_port, unavailable, unique};
 use saga_core::wire::headers;
 use saga_core::{Message, Transport};
 use saga_redis::{RedisConfig, RedisIdempotencyStore, RedisTransport};
@@ -294,14 +294,6 @@ impl Drop for OwnServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn until_up(url: &str) {

@@ -53,6 +53,15 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
 }
 
+/// A TCP port on 127.0.0.1 that nothing listens on right now, for a server
+/// a test starts itself.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port on 127.0.0.1")
+}
+
 /// How long a suite waits for something that must happen.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
