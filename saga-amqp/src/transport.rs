@@ -50,6 +50,9 @@ use tokio::sync::{Mutex, mpsc};
 use crate::config::AmqpConfig;
 use crate::error::amqp;
 
+/// How often a waiting subscription checks that its connection is still open.
+const LIVENESS_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The header RabbitMQ's quorum queues set on a redelivered message.
 const DELIVERY_COUNT: &str = "x-delivery-count";
 
@@ -338,6 +341,16 @@ struct Link {
     forwarders: Vec<tokio::task::JoinHandle<()>>,
 }
 
+impl Link {
+    fn is_open(&self) -> bool {
+        self.channel.status().connected()
+            && self
+                .connection
+                .as_ref()
+                .is_some_and(|c| c.status().connected())
+    }
+}
+
 impl Drop for Link {
     fn drop(&mut self) {
         for forwarder in &self.forwarders {
@@ -484,7 +497,19 @@ impl Subscription for AmqpSubscription {
                 self.link = Some(self.open().await?);
             }
             let link = self.link.as_mut().expect("opened above");
-            match link.incoming.recv().await {
+            let received = tokio::select! {
+                received = link.incoming.recv() => received,
+                // lapin does not always end the consumer stream when the
+                // broker closes the connection: look at the link itself.
+                () = tokio::time::sleep(LIVENESS_CHECK) => {
+                    if link.is_open() {
+                        continue;
+                    }
+                    self.link = None;
+                    return Err(Error::Unavailable("the AMQP connection closed".into()));
+                }
+            };
+            match received {
                 Some((index, Ok(delivery))) => {
                     if let Some(delivery) = self.accept(index, delivery).await? {
                         return Ok(delivery);
