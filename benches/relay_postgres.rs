@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 use saga::memory::MemoryTransport;
 use saga::outbox::{Relay, RelayConfig, wait_until_delivered};
 use saga::sql::PostgresStore;
+use saga::sql::sqlx::postgres::PgPoolOptions;
+use saga::sql::sqlx::{self, Row};
 use saga::{Message, MessageId, OutboxEntry, OutboxStore, Transactional, Transport, wire};
-use sqlx::Row;
-use sqlx::postgres::PgPoolOptions;
 
 const BATCH: usize = 100;
 /// Messages per ordering key, consecutive (`SAGA_BENCH_PER_KEY`, default 10).

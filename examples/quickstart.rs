@@ -6,12 +6,14 @@
 //! reservation is released (compensated). Prints each saga's history and
 //! exits non-zero if either ends differently.
 //!
-//! Run: `cargo run --example quickstart`
+//! Run: `cargo run --example quickstart` (`-- --help` for the options;
+//! `RUST_LOG=saga=debug` shows what the library does).
 //!
 //! The same code on a real broker, chosen by configuration alone (addresses
 //! from `KAFKA_BROKERS`, `AMQP_URL`, `REDIS_URL`):
 //! `cargo run --example quickstart --features kafka -- --transport kafka`
-//! (or `amqp`, `redis`). Each run uses topics, queues or streams of its own.
+//! (or `amqp`, `redis`). Each run uses topics, queues or streams of its own,
+//! and deletes them when it ends.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -26,8 +28,27 @@ use saga::{
 };
 use serde::{Deserialize, Serialize};
 
+#[path = "support/logs.rs"]
+mod logs;
 #[path = "support/transport.rs"]
 mod transport;
+
+use transport::TransportKind;
+
+/// The shortest saga: an order service orchestrates reserve-stock then
+/// charge-payment against a stock and a payment service. One order
+/// completes; the other is declined and its reservation released.
+#[derive(clap::Parser)]
+#[command(name = "quickstart")]
+struct Cli {
+    /// Where the services' messages travel.
+    #[arg(long, value_enum, default_value_t = TransportKind::Memory)]
+    transport: TransportKind,
+}
+
+/// The channels and consumer groups a run makes on the broker.
+const CHANNELS: [&str; 3] = ["stock.commands", "payment.commands", "orders.replies"];
+const GROUPS: [&str; 3] = ["stock", "payment", "orders"];
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Order {
@@ -150,7 +171,9 @@ async fn wait_for_end(
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run().await {
+    let cli = <Cli as clap::Parser>::parse();
+    logs::init("warn");
+    match run(cli.transport).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(error) => {
@@ -160,8 +183,21 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run() -> saga::Result<bool> {
-    let transport = transport::connect(&transport::chosen(), &transport::run_prefix()).await?;
+async fn run(kind: TransportKind) -> saga::Result<bool> {
+    // Topic, queue and stream names that no other run uses.
+    let prefix = format!("quickstart-{}.", saga::MessageId::new());
+    let transport = transport::connect(kind, &prefix).await?;
+    let result = orders(&transport).await;
+    let cleaned = transport
+        .delete_channels(&CHANNELS.map(String::from), &GROUPS.map(String::from))
+        .await;
+    let all_as_expected = result?;
+    cleaned?;
+    Ok(all_as_expected)
+}
+
+/// Runs the services and places the two orders.
+async fn orders(transport: &Arc<dyn saga::Transport>) -> saga::Result<bool> {
     let (orders, stock, payment) = (MemoryStore::new(), MemoryStore::new(), MemoryStore::new());
 
     // Initial business data, committed like any other write.
@@ -175,21 +211,15 @@ async fn run() -> saga::Result<bool> {
 
     let mut workers = Vec::new();
     for store in [&orders, &stock, &payment] {
-        workers.push(
-            Relay::new(
-                store.clone(),
-                Arc::clone(&transport),
-                RelayConfig::default(),
-            )
-            .spawn(),
-        );
+        workers
+            .push(Relay::new(store.clone(), Arc::clone(transport), RelayConfig::default()).spawn());
     }
     workers.push(
         Participant::new(
             "stock",
             "stock.commands",
             stock.clone(),
-            Arc::clone(&transport),
+            Arc::clone(transport),
         )
         .on("stock.reserve", Stock { release: false })
         .on("stock.release", Stock { release: true })
@@ -201,7 +231,7 @@ async fn run() -> saga::Result<bool> {
             "payment",
             "payment.commands",
             payment.clone(),
-            Arc::clone(&transport),
+            Arc::clone(transport),
         )
         .on("payment.charge", Payment)
         .spawn()
@@ -209,7 +239,7 @@ async fn run() -> saga::Result<bool> {
     );
     let orchestrator = Orchestrator::builder(
         orders.clone(),
-        Arc::clone(&transport),
+        Arc::clone(transport),
         OrchestratorConfig::new("orders"),
     )
     .saga(

@@ -47,3 +47,9 @@ pub use saga_redis as redis;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
 pub use saga_sqlx as sql;
+
+/// The README's Rust code, compiled and run as a doc test, so the README
+/// says nothing that does not build.
+#[cfg(all(doctest, feature = "sqlite"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

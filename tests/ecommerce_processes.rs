@@ -8,25 +8,20 @@
 //! (`target/<profile>/examples/ecommerce`).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use saga::sql::sqlx::{self, PgPool, Row};
 use saga_core::testing::{free_port, unavailable, unique};
-use sqlx::{PgPool, Row};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ORDERS: usize = 500;
 const KILLS: usize = 5;
 
-fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps");
-    profile_dir.join("examples").join("ecommerce")
-}
+#[path = "support/example.rs"]
+mod example;
+
+use example::example_binary;
 
 /// One HTTP/1.1 request; `None` when the service cannot be reached.
 async fn http(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, serde_json::Value)> {
@@ -123,12 +118,7 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 async fn sigkill_services(mode: &str) {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let binary = example_binary();
-    assert!(
-        binary.exists(),
-        "{} is missing: run through `cargo test --all-features`, which builds the examples",
-        binary.display()
-    );
+    example_binary();
     let server = std::env::var("ECOMMERCE_POSTGRES")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
     if let Err(error) = PgPool::connect(&format!("{server}/postgres")).await {

@@ -249,9 +249,13 @@ pub(crate) fn router(shop: Shop, services: Services) -> Router {
 }
 
 /// Serves until Ctrl-C (or SIGTERM), then stops the services cleanly.
-pub(crate) async fn serve(shop: Shop, services: Services, listen: &str) -> std::io::Result<()> {
+pub(crate) async fn serve(
+    shop: Shop,
+    services: Services,
+    listen: std::net::SocketAddr,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    println!("listening on http://{}", listener.local_addr()?);
+    tracing::info!("listening on http://{}", listener.local_addr()?);
     let stopping = async {
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -3,12 +3,15 @@
 //!
 //! ```sh
 //! cargo run --example ecommerce                       # every scenario, one process, no server
+//! cargo run --example ecommerce -- --help             # the commands and options
 //! cargo run --example ecommerce --features kafka -- --transport kafka   # over Kafka (or amqp, redis)
 //! cargo run --example ecommerce --features postgres -- --database-url postgres://postgres@127.0.0.1:5432
 //! ```
 //!
-//! Prints one row per scenario (expected, got, time) and exits non-zero if
-//! any scenario did not behave as expected.
+//! The demo prints one row per scenario (expected, got, time) and exits
+//! non-zero if any scenario did not behave as expected. It deletes what it
+//! made for itself (its databases or files, its topics, queues or streams)
+//! unless `--keep` asks to keep them.
 //!
 //! The services with their HTTP API (routes in `http.rs`):
 //!
@@ -19,121 +22,187 @@
 //! cargo run --example ecommerce --features redis -- service payment --transport redis --listen 127.0.0.1:3003
 //! ```
 //!
-//! `serve` and `service` keep their data (default `sqlite://ecommerce-data`)
-//! and use fixed channel names (prefix `ecommerce.`), so a service can be
-//! killed and started again, and processes find each other through the
-//! broker. `--instance NAME` replaces `ecommerce` in those names, to run
-//! several shops side by side. One process per service needs a real broker: the in-memory
-//! transport does not cross processes.
+//! `serve` and `service` keep their data (by default in SQLite files under
+//! the system's temporary directory, `saga-<instance>-data`) and use fixed
+//! channel names (prefix `<instance>.`), so a service can be killed and
+//! started again, and processes find each other through the broker. One
+//! process per service needs a real broker: the in-memory transport does not
+//! cross processes.
 //!
-//! Options:
-//! - `--mode orchestration|choreography` (default orchestration): the Order
-//!   service runs the saga, or every service reacts to the others' events
-//!   and the order's saga is its event log (scenario 7, a step deadline,
-//!   exists only with an orchestrator);
-//! - `--transport memory|kafka|amqp|redis` (default `memory`; addresses from
-//!   `KAFKA_BROKERS`, `AMQP_URL`, `REDIS_URL`);
-//! - `--database-url URL`: `sqlite://DIR` (one file per service in DIR;
-//!   default a fresh directory under the system's temporary directory) or
-//!   `postgres://user@host:port` (one database per service, created when
-//!   missing, named `ecommerce_<run>_<service>`).
+//! Logs go to stderr, filtered by `RUST_LOG` (default
+//! `warn,sqlx::query=error,ecommerce=info`; `RUST_LOG=saga=debug` shows
+//! what the library does).
 
 mod http;
+#[path = "../support/logs.rs"]
+mod logs;
 mod scenarios;
 mod shop;
 #[path = "../support/transport.rs"]
 mod transport;
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use shop::{Databases, Services, ShopConfig};
+use transport::TransportKind;
 
-/// The value after `flag` on the command line.
-fn option(flag: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == flag)
-        .and_then(|at| args.get(at + 1).cloned())
+/// Order, Stock and Payment services, each with its own database, placing
+/// orders through a saga. With no command: runs the scenarios and prints
+/// what each expected and got.
+#[derive(Parser)]
+#[command(name = "ecommerce")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    shop: ShopArgs,
+    /// Keep what the demo made for itself (databases or files, topics,
+    /// queues or streams) instead of deleting it at the end.
+    #[arg(long)]
+    keep: bool,
 }
 
-/// The name that keeps several shops apart (`--instance`, default
-/// `ecommerce`): it starts database and channel names.
-fn instance() -> String {
-    option("--instance").unwrap_or_else(|| "ecommerce".into())
+#[derive(Subcommand)]
+enum Command {
+    /// Every service in one process, with the HTTP API.
+    Serve(ServeArgs),
+    /// One service in this process, with its HTTP API (needs a broker).
+    Service {
+        /// Which service.
+        #[arg(value_enum)]
+        name: ServiceName,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
 }
 
-/// Where the services keep their data, from `--database-url`; `keep`:
-/// the same place every run (serving), or a fresh one (the demo).
-fn databases(keep: bool) -> Result<Databases, String> {
-    let run = saga::MessageId::new().to_string().replace('-', "");
-    match option("--database-url") {
-        None if keep => Ok(Databases::Sqlite(format!("{}-data", instance()).into())),
-        None => Ok(Databases::Sqlite(
-            std::env::temp_dir().join(format!("saga-ecommerce-{run}")),
-        )),
-        Some(url) if url.starts_with("sqlite://") => Ok(Databases::Sqlite(
-            url.trim_start_matches("sqlite://").into(),
-        )),
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            Ok(Databases::Postgres {
-                server: url.trim_end_matches('/').to_owned(),
-                prefix: if keep {
-                    instance()
-                } else {
-                    format!("ecommerce_{}", &run[run.len() - 12..])
-                },
-            })
+/// Options of every command.
+#[derive(Args)]
+struct ShopArgs {
+    /// Orchestration (the Order service runs a saga) or choreography (the
+    /// services react to each other's events).
+    #[arg(long, value_enum, default_value_t = Mode::Orchestration, global = true)]
+    mode: Mode,
+    /// Where the services' messages travel.
+    #[arg(long, value_enum, default_value_t = TransportKind::Memory, global = true)]
+    transport: TransportKind,
+    /// `sqlite://DIR` (one file per service in DIR) or
+    /// `postgres://user@host:port` (one database per service, created when
+    /// missing). Default: SQLite files in a directory of their own under the
+    /// system's temporary directory.
+    #[arg(long, global = true, value_name = "URL")]
+    database_url: Option<String>,
+}
+
+/// Options of `serve` and `service`.
+#[derive(Args)]
+struct ServeArgs {
+    /// The HTTP API's address.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    listen: SocketAddr,
+    /// Starts the database and channel names, to run several shops side by side.
+    #[arg(long, default_value = "ecommerce")]
+    instance: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Orchestration,
+    Choreography,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ServiceName {
+    Order,
+    Stock,
+    Payment,
+}
+
+impl ServiceName {
+    fn services(self) -> Services {
+        Services {
+            order: matches!(self, Self::Order),
+            stock: matches!(self, Self::Stock),
+            payment: matches!(self, Self::Payment),
         }
-        Some(url) => Err(format!(
-            "--database-url {url:?}: use sqlite://DIR or postgres://user@host:port"
-        )),
     }
 }
 
-/// Orchestration (default) or choreography, from `--mode`.
-fn shop_config() -> Result<ShopConfig, String> {
-    let choreography = match option("--mode").as_deref() {
-        None | Some("orchestration") => false,
-        Some("choreography") => true,
-        Some(other) => {
-            return Err(format!(
-                "--mode {other:?}: use orchestration or choreography"
-            ));
+impl ShopArgs {
+    fn config(&self) -> ShopConfig {
+        ShopConfig {
+            choreography: self.mode == Mode::Choreography,
+            ..ShopConfig::default()
         }
-    };
-    Ok(ShopConfig {
-        choreography,
-        ..ShopConfig::default()
-    })
+    }
+
+    /// Where `serve` and `service` keep their data: the same place every
+    /// start, named after the instance.
+    fn serve_databases(&self, instance: &str) -> Result<Databases, String> {
+        match self.database_url.as_deref() {
+            None => Ok(Databases::Sqlite(
+                std::env::temp_dir().join(format!("saga-{instance}-data")),
+            )),
+            Some(url) if url.starts_with("sqlite://") => Ok(Databases::Sqlite(
+                url.trim_start_matches("sqlite://").into(),
+            )),
+            Some(url) => postgres(url, instance),
+        }
+    }
+
+    /// Where the demo keeps its data: a place of this run's own (files in a
+    /// directory named after the run, or databases whose names start with it).
+    fn demo_databases(&self, run: &str) -> Result<Databases, String> {
+        match self.database_url.as_deref() {
+            None => Ok(Databases::Sqlite(
+                std::env::temp_dir().join(format!("saga-{run}")),
+            )),
+            Some(url) if url.starts_with("sqlite://") => Ok(Databases::Sqlite(
+                PathBuf::from(url.trim_start_matches("sqlite://")).join(run),
+            )),
+            Some(url) => postgres(url, run),
+        }
+    }
+}
+
+/// PostgreSQL databases whose names start with `name`, or why `url` is not
+/// a database URL this example takes.
+fn postgres(url: &str, name: &str) -> Result<Databases, String> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Databases::Postgres {
+            server: url.trim_end_matches('/').to_owned(),
+            prefix: name.replace(['-', '.'], "_"),
+        })
+    } else {
+        Err(format!(
+            "--database-url {}: use sqlite://DIR or postgres://user@host:port",
+            saga::core::redact::redact_url(url)
+        ))
+    }
 }
 
 /// `serve` (every service) or `service NAME` (one), with the HTTP API.
-async fn serve(services: Services) -> ExitCode {
-    let name = transport::chosen();
-    if name == "memory" && services != Services::ALL {
+async fn serve(shop_args: &ShopArgs, services: Services, args: &ServeArgs) -> ExitCode {
+    if shop_args.transport == TransportKind::Memory && services != Services::ALL {
         eprintln!(
             "error: one service per process needs a broker: --transport kafka, amqp or redis"
         );
         return ExitCode::from(2);
     }
-    let databases = match databases(true) {
+    let databases = match shop_args.serve_databases(&args.instance) {
         Ok(databases) => databases,
         Err(error) => {
             eprintln!("error: {error}");
             return ExitCode::from(2);
         }
     };
-    let listen = option("--listen").unwrap_or_else(|| "127.0.0.1:3000".into());
-    let config = match shop_config() {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return ExitCode::from(2);
-        }
-    };
     let started = async {
-        let transport = transport::connect(&name, &format!("{}.", instance())).await?;
-        shop::start(&databases, services, transport, &config).await
+        let transport =
+            transport::connect(shop_args.transport, &format!("{}.", args.instance)).await?;
+        shop::start(&databases, services, transport, &shop_args.config()).await
     };
     let shop = match started.await {
         Ok(shop) => shop,
@@ -142,71 +211,49 @@ async fn serve(services: Services) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("{services:?} on {databases:?}, transport {name}");
-    match http::serve(shop, services, &listen).await {
+    tracing::info!(
+        ?services,
+        %databases,
+        transport = %shop_args.transport,
+        "services started; their data stays for the next start"
+    );
+    match http::serve(shop, services, args.listen).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {listen}: {error}");
+            eprintln!("error: {}: {error}", args.listen);
             ExitCode::FAILURE
         }
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("serve") => return serve(Services::ALL).await,
-        Some("service") => {
-            let services = match args.get(1).map(String::as_str) {
-                Some("order") => Services {
-                    order: true,
-                    stock: false,
-                    payment: false,
-                },
-                Some("stock") => Services {
-                    order: false,
-                    stock: true,
-                    payment: false,
-                },
-                Some("payment") => Services {
-                    order: false,
-                    stock: false,
-                    payment: true,
-                },
-                other => {
-                    eprintln!("error: service {other:?}: use order, stock or payment");
-                    return ExitCode::from(2);
-                }
-            };
-            return serve(services).await;
-        }
-        Some(flag) if flag.starts_with("--") => {}
-        None => {}
-        Some(other) => {
-            eprintln!(
-                "error: unknown command {other:?}: use serve, service NAME, or no command for the demo"
-            );
-            return ExitCode::from(2);
-        }
-    }
-    let transport = transport::chosen();
-    let (databases, config) = match databases(false).and_then(|d| Ok((d, shop_config()?))) {
-        Ok(both) => both,
+/// The scenarios, on databases and channels of this run's own.
+async fn demo(shop_args: &ShopArgs, keep: bool) -> ExitCode {
+    let run = saga::MessageId::new().to_string().replace('-', "");
+    let run = format!("ecommerce-{}", &run[run.len() - 12..]);
+    let databases = match shop_args.demo_databases(&run) {
+        Ok(databases) => databases,
         Err(error) => {
             eprintln!("error: {error}");
             return ExitCode::from(2);
         }
     };
+    let config = shop_args.config();
     println!(
-        "e-commerce saga demo: {}, one database per service ({databases:?}), transport {transport}\n",
+        "e-commerce saga demo {run}: {}, one database per service in {databases}, transport {}\n",
         if config.choreography {
             "choreography"
         } else {
             "orchestration"
-        }
+        },
+        shop_args.transport,
     );
-    let outcomes = match scenarios::run_all(&databases, &transport, &config).await {
+    let outcomes = scenarios::run_all(&databases, shop_args.transport, &run, &config, keep).await;
+    if keep {
+        println!("kept: {databases}, and the broker channels named {run}.*");
+    } else if let Err(error) = databases.remove().await {
+        eprintln!("warning: {error}");
+    }
+    let outcomes = match outcomes {
         Ok(outcomes) => outcomes,
         Err(error) => {
             eprintln!("error: {error}");
@@ -235,5 +282,20 @@ async fn main() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // sqlx warns of every statement over 1 s: scenario 8 queues 500 orders
+    // on SQLite's one writer on purpose.
+    logs::init("warn,sqlx::query=error,ecommerce=info");
+    match &cli.command {
+        None => demo(&cli.shop, cli.keep).await,
+        Some(Command::Serve(args)) => serve(&cli.shop, Services::ALL, args).await,
+        Some(Command::Service { name, serve: args }) => {
+            serve(&cli.shop, name.services(), args).await
+        }
     }
 }

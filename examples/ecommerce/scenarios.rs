@@ -3,12 +3,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use saga::{Message, OutboxEntry, Subscription, Transport, transport::Capabilities};
 
 use crate::shop::{self, Cents, Databases, Item, OrderView, Services, ShopApi, ShopConfig};
+use crate::transport::TransportKind;
 
 /// How long a scenario waits for its orders to end.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -74,12 +76,64 @@ impl Transport for Twice {
         self.0.subscribe(group, channels).await
     }
 
+    async fn delete_channels(&self, channels: &[String], groups: &[String]) -> saga::Result<()> {
+        self.0.delete_channels(channels, groups).await
+    }
+
     fn dead_letter_channel(&self, channel: &str) -> String {
         self.0.dead_letter_channel(channel)
     }
 
     fn capabilities(&self) -> Capabilities {
         self.0.capabilities()
+    }
+}
+
+/// Confirms the first publish of one message type without delivering it (a
+/// message lost on the way); everything else goes through, one by one.
+struct LoseFirst {
+    inner: Arc<dyn Transport>,
+    message_type: &'static str,
+    lost: AtomicBool,
+}
+
+impl LoseFirst {
+    fn loses(&self, message: &Message) -> bool {
+        message.message_type == self.message_type && !self.lost.swap(true, Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Transport for LoseFirst {
+    async fn publish(&self, channel: &str, message: &Message) -> saga::Result<()> {
+        if self.loses(message) {
+            return Ok(());
+        }
+        self.inner.publish(channel, message).await
+    }
+
+    async fn check(&self) -> saga::Result<()> {
+        self.inner.check().await
+    }
+
+    async fn subscribe(
+        &self,
+        group: &str,
+        channels: &[String],
+    ) -> saga::Result<Box<dyn Subscription>> {
+        self.inner.subscribe(group, channels).await
+    }
+
+    async fn delete_channels(&self, channels: &[String], groups: &[String]) -> saga::Result<()> {
+        self.inner.delete_channels(channels, groups).await
+    }
+
+    fn dead_letter_channel(&self, channel: &str) -> String {
+        self.inner.dead_letter_channel(channel)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
     }
 }
 
@@ -206,14 +260,9 @@ async fn payment_crash(shop: &dyn ShopApi) -> saga::Result<(String, String, bool
     ))
 }
 
-/// Scenario 6: Every message delivered twice: scenarios 1–4 again, effects once.
-async fn duplicates(
-    databases: &Databases,
-    transport: Arc<dyn Transport>,
-    config: &ShopConfig,
-) -> saga::Result<(String, String, bool)> {
-    let shop = shop::start(databases, Services::ALL, Arc::new(Twice(transport)), config).await?;
-    let shop = shop.as_ref();
+/// Scenario 6: Every message delivered twice (a shop on the [`Twice`]
+/// transport): scenarios 1–5 again, effects once.
+async fn duplicates(shop: &dyn ShopApi) -> saga::Result<(String, String, bool)> {
     let mut got = Vec::new();
     let mut ok = true;
     for (number, (_, seen, passed)) in [
@@ -233,23 +282,13 @@ async fn duplicates(
         });
         ok &= passed;
     }
-    shop.stop().await;
     Ok(("1–5 as without duplicates".into(), got.join("; "), ok))
 }
 
-/// Scenario 7: Payment does not answer within the deadline: compensation, then the
-/// late reply changes nothing.
-async fn deadline(
-    databases: &Databases,
-    transport: Arc<dyn Transport>,
-) -> saga::Result<(String, String, bool)> {
-    let config = ShopConfig {
-        deadline: Duration::from_secs(1),
-        attempts: 1,
-        choreography: false,
-    };
-    let shop = shop::start(databases, Services::ALL, transport, &config).await?;
-    let shop = shop.as_ref();
+/// Scenario 7: Payment does not answer within the deadline (a shop with a
+/// 1 s deadline and one attempt): compensation, then the late reply changes
+/// nothing.
+async fn deadline(shop: &dyn ShopApi) -> saga::Result<(String, String, bool)> {
     shop.put_stock("desk", 3, Cents(20_000)).await?;
     shop.put_wallet("frank", Cents(50_000)).await?;
     shop.crash_payment().await;
@@ -266,7 +305,6 @@ async fn deadline(
         && wallet == Cents(50_000)
         && stock == (3, 0)
         && ignored;
-    shop.stop().await;
     Ok((
         "CANCELLED (timed out); late reply ignored; wallet 500.00; desk 3+0".into(),
         format!(
@@ -276,6 +314,41 @@ async fn deadline(
             stock.0,
             stock.1
         ),
+        ok,
+    ))
+}
+
+/// Scenario 9: The first charge command is lost on its way (a shop on the
+/// [`LoseFirst`] transport, with a 1 s deadline and two attempts): the step
+/// times out, and payment declines the retry. The order is cancelled for
+/// the decline, the failure that decided it, not for the first timeout.
+async fn retried_then_declined(shop: &dyn ShopApi) -> saga::Result<(String, String, bool)> {
+    shop.put_stock("lamp", 4, Cents(3_000)).await?;
+    shop.put_wallet("grace", Cents(1_000)).await?;
+    let id = shop.place_order("grace", vec![item("lamp", 1)]).await?;
+    let view = shop.settled(&id, PATIENCE).await?;
+    let timed_out = view
+        .saga
+        .steps
+        .iter()
+        .any(|s| s.name == "process-payment" && s.status == "timed out");
+    let retried = view
+        .saga
+        .steps
+        .iter()
+        .any(|s| s.name == "process-payment" && s.status == "failed");
+    let stock = shop.stock_of("lamp").await?.unwrap_or_default();
+    let ok = timed_out
+        && retried
+        && view.status == "CANCELLED"
+        && view
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("insufficient funds"))
+        && stock == (4, 0);
+    Ok((
+        "CANCELLED (insufficient funds); lamp 4+0".into(),
+        format!("{}; lamp {}+{}", status(&view), stock.0, stock.1),
         ok,
     ))
 }
@@ -380,21 +453,77 @@ async fn concurrency(shop: &Arc<dyn ShopApi>) -> saga::Result<(String, String, b
     ))
 }
 
-/// Runs every scenario; each gets databases of its own under `dir`.
+/// The shops of a run and their transports, to stop and clean up at the end.
+#[derive(Default)]
+struct Shops(Vec<(Arc<dyn ShopApi>, Arc<dyn Transport>)>);
+
+impl Shops {
+    /// Starts a shop on databases and channels of its own (`name` under the run's).
+    async fn start(
+        &mut self,
+        databases: &Databases,
+        kind: TransportKind,
+        run: &str,
+        name: &str,
+        config: &ShopConfig,
+        wrap: impl FnOnce(Arc<dyn Transport>) -> Arc<dyn Transport>,
+    ) -> saga::Result<Arc<dyn ShopApi>> {
+        // Channel names of each shop's own: two shops on one broker must not
+        // share a consumer group.
+        let transport = crate::transport::connect(kind, &format!("{run}.{name}.")).await?;
+        let shop = shop::start(
+            &databases.child(name),
+            Services::ALL,
+            wrap(Arc::clone(&transport)),
+            config,
+        )
+        .await?;
+        self.0.push((Arc::clone(&shop), transport));
+        Ok(shop)
+    }
+
+    /// Stops every shop; unless `keep`, deletes their channels on the broker.
+    async fn stop(self, keep: bool) -> saga::Result<()> {
+        let mut cleaned = Ok(());
+        for (shop, transport) in self.0 {
+            shop.stop().await;
+            if !keep {
+                cleaned = cleaned.and(shop::delete_channels(transport.as_ref()).await);
+            }
+        }
+        cleaned
+    }
+}
+
+/// Runs every scenario; each shop gets databases of its own under
+/// `databases` and channels named `<run>.<shop>.*`, which it deletes at the
+/// end unless `keep` (the caller owns the databases).
 ///
-/// With `config.choreography`, scenario 7 is not run: a step deadline is the
-/// orchestrator's; a choreographed flow has no one waiting for a reply.
+/// With `config.choreography`, scenarios 7 and 9 are not run: a step
+/// deadline is the orchestrator's; a choreographed flow has no one waiting
+/// for a reply.
 pub(crate) async fn run_all(
     databases: &Databases,
-    transport_name: &str,
+    kind: TransportKind,
+    run: &str,
+    config: &ShopConfig,
+    keep: bool,
+) -> saga::Result<Vec<Outcome>> {
+    let mut shops = Shops::default();
+    let outcomes = scenarios(&mut shops, databases, kind, run, config).await;
+    let cleaned = shops.stop(keep).await;
+    let outcomes = outcomes?;
+    cleaned?;
+    Ok(outcomes)
+}
+
+async fn scenarios(
+    shops: &mut Shops,
+    databases: &Databases,
+    kind: TransportKind,
+    run: &str,
     config: &ShopConfig,
 ) -> saga::Result<Vec<Outcome>> {
-    // Channel names of each shop's own: two shops on one broker must not
-    // share a consumer group.
-    let prefix = crate::transport::run_prefix();
-    let connect = async |shop: &str| {
-        crate::transport::connect(transport_name, &format!("{prefix}{shop}.")).await
-    };
     let mut outcomes = Vec::new();
     let mut record = |scenario: &'static str, started: Instant, result: (String, String, bool)| {
         outcomes.push(Outcome {
@@ -405,17 +534,14 @@ pub(crate) async fn run_all(
             elapsed: started.elapsed(),
         });
     };
+    let same = |transport| transport;
 
-    let shop = shop::start(
-        &databases.child("main"),
-        Services::ALL,
-        connect("main").await?,
-        config,
-    )
-    .await?;
+    let shop = shops
+        .start(databases, kind, run, "main", config, same)
+        .await?;
     if !shop.healthy().await {
         return Err(saga::Error::Unavailable(format!(
-            "the service databases ({databases:?}) cannot be reached"
+            "the service databases ({databases}) cannot be reached"
         )));
     }
     let started = Instant::now();
@@ -445,21 +571,55 @@ pub(crate) async fn run_all(
         payment_crash(shop.as_ref()).await?,
     );
     let started = Instant::now();
+    let twice = shops
+        .start(databases, kind, run, "twice", config, |transport| {
+            Arc::new(Twice(transport))
+        })
+        .await?;
     record(
         "6 every message twice",
         started,
-        duplicates(&databases.child("twice"), connect("twice").await?, config).await?,
+        duplicates(twice.as_ref()).await?,
     );
     if !config.choreography {
+        let deadline_config = ShopConfig {
+            deadline: Duration::from_secs(1),
+            attempts: 1,
+            choreography: false,
+        };
         let started = Instant::now();
+        let late = shops
+            .start(databases, kind, run, "deadline", &deadline_config, same)
+            .await?;
         record(
             "7 payment misses its deadline",
             started,
-            deadline(&databases.child("deadline"), connect("deadline").await?).await?,
+            deadline(late.as_ref()).await?,
         );
     }
     let started = Instant::now();
     record("8 500 orders at once", started, concurrency(&shop).await?);
-    shop.stop().await;
+    if !config.choreography {
+        let retry_config = ShopConfig {
+            deadline: Duration::from_secs(1),
+            attempts: 2,
+            choreography: false,
+        };
+        let started = Instant::now();
+        let retried = shops
+            .start(databases, kind, run, "retry", &retry_config, |transport| {
+                Arc::new(LoseFirst {
+                    inner: transport,
+                    message_type: "payment.charge",
+                    lost: AtomicBool::new(false),
+                })
+            })
+            .await?;
+        record(
+            "9 payment times out, then is declined",
+            started,
+            retried_then_declined(retried.as_ref()).await?,
+        );
+    }
     Ok(outcomes)
 }

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+#[cfg(feature = "postgres")]
+use saga::sql::sqlx;
 use saga::{SagaState, Transport};
 use serde::{Deserialize, Serialize};
 
@@ -146,6 +148,56 @@ impl Databases {
     }
 }
 
+impl std::fmt::Display for Databases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(dir) => write!(f, "SQLite files in {}", dir.display()),
+            Self::Postgres { server, prefix } => write!(
+                f,
+                "PostgreSQL databases {prefix}_* at {}",
+                saga::core::redact::redact_url(server)
+            ),
+        }
+    }
+}
+
+impl Databases {
+    /// Deletes every database (or file) of this place: what a demo made for itself.
+    pub(crate) async fn remove(&self) -> saga::Result<()> {
+        match self {
+            Self::Sqlite(dir) => match std::fs::remove_dir_all(dir) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(
+                    saga::Error::Config(format!("removing {}: {error}", dir.display())),
+                ),
+                _ => Ok(()),
+            },
+            #[cfg(feature = "postgres")]
+            Self::Postgres { server, prefix } => on_postgres::drop_databases(server, prefix).await,
+            #[cfg(not(feature = "postgres"))]
+            Self::Postgres { .. } => Ok(()),
+        }
+    }
+}
+
+/// The channels the services use, and the consumer groups on them: what a
+/// shop makes on the broker.
+pub(crate) const CHANNELS: [&str; 6] = [
+    "stock.commands",
+    "payment.commands",
+    "orders.replies",
+    "orders.events",
+    "stock.events",
+    "payment.events",
+];
+const GROUPS: [&str; 3] = ["orders", "stock", "payment"];
+
+/// Deletes what a shop made on the broker (see [`CHANNELS`]).
+pub(crate) async fn delete_channels(transport: &dyn Transport) -> saga::Result<()> {
+    transport
+        .delete_channels(&CHANNELS.map(String::from), &GROUPS.map(String::from))
+        .await
+}
+
 /// Which services this process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Services {
@@ -275,7 +327,7 @@ macro_rules! services_on {
             RetryPolicy, SagaDefinition, SagaId, SagaStep, StepConfig, StepContext, StepError,
             StepOutcome, StepStatus, SagaStore, Transactional, Transport, Worker,
         };
-        use sqlx::Row;
+        use saga::sql::sqlx::{self, Row};
         use tokio::sync::Mutex;
 
         use super::{
@@ -915,13 +967,11 @@ macro_rules! services_on {
                 .await
                 .map_err(|e| saga::Error::backend("GET order", true, e))?;
             let history = &view.instance.history;
-            let reason = history
-                .iter()
-                .find(|e| matches!(e.status, StepStatus::Failed | StepStatus::TimedOut))
-                .map(|e| match e.status {
-                    StepStatus::TimedOut => format!("{} timed out", e.step),
-                    _ => e.error.clone().unwrap_or_default(),
-                });
+            // The failure that decided the outcome, not an earlier attempt's.
+            let reason = view.instance.failure().map(|e| match e.status {
+                StepStatus::TimedOut => format!("{} timed out", e.step),
+                _ => e.error.clone().unwrap_or_default(),
+            });
             let status: String = row.get("status");
             Ok(Some(OrderView {
                 order_id: order_id.to_owned(),
@@ -1100,5 +1150,27 @@ mod on_postgres {
             Ok(store)
         };
         services(wanted, open, transport, config).await
+    }
+
+    /// Drops every database on `server` whose name starts with `prefix`.
+    pub(crate) async fn drop_databases(server: &str, prefix: &str) -> saga::Result<()> {
+        let admin = sqlx::PgPool::connect(&format!("{server}/postgres"))
+            .await
+            .map_err(super::db("connecting to PostgreSQL"))?;
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT datname FROM pg_database WHERE left(datname, length($1)) = $1",
+        )
+        .bind(prefix)
+        .fetch_all(&admin)
+        .await
+        .map_err(super::db("listing the databases"))?;
+        for name in names {
+            sqlx::query(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+                .execute(&admin)
+                .await
+                .map_err(super::db("dropping a database"))?;
+        }
+        admin.close().await;
+        Ok(())
     }
 }

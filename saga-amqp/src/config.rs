@@ -1,7 +1,10 @@
 //! Addresses and options, with defaults and environment overrides.
 
-/// Where RabbitMQ is and how the transport uses it.
-#[derive(Clone, Debug)]
+use saga_core::redact::redact_url;
+
+/// Where RabbitMQ is and how the transport uses it. Its `Debug` output masks
+/// the password of [`url`](Self::url).
+#[derive(Clone)]
 pub struct AmqpConfig {
     /// `amqp://user:password@host:port/vhost`. Default
     /// `amqp://guest:guest@127.0.0.1:5672/%2f`.
@@ -16,6 +19,18 @@ pub struct AmqpConfig {
     /// (`x-single-active-consumer`): keeps the order per ordering key, at the
     /// price of not sharing a group's work. Off by default.
     pub single_active_consumer: bool,
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("prefetch", &self.prefetch)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("single_active_consumer", &self.single_active_consumer)
+            .finish()
+    }
 }
 
 impl Default for AmqpConfig {

@@ -36,7 +36,8 @@ use futures_util::StreamExt;
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -84,7 +85,12 @@ impl std::fmt::Debug for AmqpTransport {
 async fn open(config: &AmqpConfig) -> Result<(Connection, Channel)> {
     let connection = Connection::connect(&config.url, ConnectionProperties::default())
         .await
-        .map_err(|e| Error::Unavailable(format!("RabbitMQ at {}: {e}", config.url)))?;
+        .map_err(|e| {
+            Error::Unavailable(format!(
+                "RabbitMQ at {}: {e}",
+                saga_core::redact::redact_url(&config.url)
+            ))
+        })?;
     let channel = connection
         .create_channel()
         .await
@@ -235,6 +241,48 @@ impl AmqpTransport {
         Ok(publisher.channel.clone())
     }
 
+    /// Deletes the queues and exchanges of `channels` on a channel of its
+    /// own (an error closes an AMQP channel), and forgets having declared them.
+    async fn delete(&self, channels: &[String], groups: &[String]) -> Result<()> {
+        let mut guard = self.inner.publisher.lock().await;
+        if let Some(publisher) = guard.as_mut() {
+            for channel in channels {
+                publisher.declared.remove(channel);
+            }
+        }
+        drop(guard);
+        let config = &self.inner.config;
+        let (connection, amqp_channel) = open(config).await?;
+        let mut deleted = Ok(());
+        for channel in channels {
+            let dead = config.exchange(&format!("{channel}.dlq"));
+            let mut queues: Vec<String> = groups
+                .iter()
+                .map(|group| config.group_queue(channel, group))
+                .collect();
+            queues.push(dead.clone());
+            for queue in queues {
+                deleted = deleted.and(
+                    amqp_channel
+                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                        .await
+                        .map(drop)
+                        .map_err(amqp("queue.delete")),
+                );
+            }
+            for exchange in [config.exchange(channel), dead] {
+                deleted = deleted.and(
+                    amqp_channel
+                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await
+                        .map_err(amqp("exchange.delete")),
+                );
+            }
+        }
+        let _ = connection.close(200, "deleted".into()).await;
+        deleted
+    }
+
     async fn send(
         amqp_channel: &Channel,
         exchange: &str,
@@ -312,6 +360,12 @@ impl Transport for AmqpTransport {
         };
         subscription.link = Some(subscription.open().await?);
         Ok(Box::new(subscription))
+    }
+
+    /// Deletes each channel's exchange, the queue of each of `groups` on it,
+    /// and its dead-letter exchange and queue.
+    async fn delete_channels(&self, channels: &[String], groups: &[String]) -> Result<()> {
+        self.delete(channels, groups).await
     }
 
     fn capabilities(&self) -> Capabilities {

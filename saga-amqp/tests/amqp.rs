@@ -257,3 +257,41 @@ async fn a_conflicting_queue_is_named_in_the_error() {
     };
     assert!(error.to_string().contains(&queue), "{error}");
 }
+
+/// The password of `AMQP_URL` never shows: not in the config's `Debug`, not
+/// in the error of a broker that cannot be reached, not in the error of a
+/// broker that refuses it.
+#[tokio::test]
+async fn passwords_never_show_in_errors_or_debug() {
+    let secret = "s3cret-pw";
+    let port = saga_core::testing::free_port();
+    let closed = AmqpConfig::default().url(format!("amqp://guest:{secret}@127.0.0.1:{port}/%2f"));
+    let debug = format!("{closed:?}");
+    assert!(
+        !debug.contains(secret) && debug.contains("guest:***@"),
+        "{debug}"
+    );
+    let error = AmqpTransport::connect(closed)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains(&format!("guest:***@127.0.0.1:{port}")),
+        "{error}"
+    );
+    assert!(!error.contains(secret), "{error}");
+
+    if transport().await.is_none() {
+        return;
+    }
+    let url = saga_core::redact::redact_url(&config().url).replace("***", secret);
+    assert!(
+        url.contains(secret),
+        "AMQP_URL {url} has no password to replace"
+    );
+    let error = AmqpTransport::connect(config().url(url))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(!error.contains(secret), "{error}");
+}

@@ -91,6 +91,7 @@ mod ids;
 pub mod memory;
 mod message;
 pub mod participant;
+pub mod redact;
 mod reply;
 mod retry;
 pub mod saga;
@@ -114,4 +115,4 @@ pub use saga::{
 };
 pub use store::{IdempotencyStore, OutboxStore, SagaStore, Store, Transactional};
 pub use transport::{Acknowledger, Capabilities, Delivery, Subscription, Transport};
-pub use worker::Worker;
+pub use worker::{StopSignal, Worker};

@@ -48,6 +48,14 @@ pub trait Transport: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Deletes what the broker keeps for `channels`: each channel, its
+    /// dead-letter channel, and the state of `groups` on them (their queues,
+    /// their pending messages). Messages still in them are lost. A later
+    /// publish or subscribe makes the channel anew; deleting what does not
+    /// exist succeeds. For tests and demos that made channels of their own
+    /// and must not leave them behind; members still subscribed may fail.
+    async fn delete_channels(&self, channels: &[String], groups: &[String]) -> Result<()>;
+
     /// The channel where messages rejected from `channel` end up.
     fn dead_letter_channel(&self, channel: &str) -> String {
         format!("{channel}.dlq")

@@ -11,26 +11,42 @@ use crate::message::Message;
 use crate::transport::{Delivery, Subscription, Transport};
 
 /// Handle to the background tasks of a component (orchestrator, participant,
-/// consumer, relay).
+/// consumer, relay, retention).
+///
+/// # Stopping
+/// - [`shutdown`](Self::shutdown): every task finishes the message or batch
+///   in hand, releases what it holds, and ends; waits for them.
+/// - [`abort`](Self::abort): every task stops where it is, as a crash would.
+/// - **Dropping the handle** stops the tasks as `shutdown` does, without
+///   waiting for them: an early `?` or a panic that drops it leaves nothing
+///   running behind. Keep the handle for as long as the component should run.
+/// - [`detach`](Self::detach): the tasks run until the process ends, as
+///   dropping a tokio `JoinHandle` would let them.
 #[derive(Debug)]
+#[must_use = "dropping a Worker stops its tasks: keep it while they should run, or call detach()"]
 pub struct Worker {
-    shutdown: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    detached: bool,
 }
 
 impl Worker {
-    pub(crate) fn new() -> (Self, watch::Receiver<bool>) {
-        let (shutdown, receiver) = watch::channel(false);
+    /// A worker with no task yet, and the stop signal its tasks watch (for
+    /// crates that add their own loops with [`spawn`](Self::spawn)).
+    pub fn empty() -> (Self, StopSignal) {
+        let (stop, receiver) = watch::channel(false);
         (
             Self {
-                shutdown,
+                stop,
                 tasks: Vec::new(),
+                detached: false,
             },
-            receiver,
+            StopSignal(receiver),
         )
     }
 
-    /// Adds a task that stops when the worker is shut down.
+    /// Adds a task. It must end soon after [`StopSignal::is_stopping`]
+    /// turns true (see [`shutdown_signal`](Self::shutdown_signal)).
     pub fn spawn<F>(&mut self, task: F)
     where
         F: Future<Output = ()> + Send + 'static,
@@ -38,46 +54,73 @@ impl Worker {
         self.tasks.push(tokio::spawn(task));
     }
 
-    /// A receiver that turns `true` when shutdown starts (for tasks added with [`spawn`](Self::spawn)).
-    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
-    }
-
-    /// A worker with no task yet, and its shutdown signal (for crates that add their own loops).
-    pub fn empty() -> (Self, watch::Receiver<bool>) {
-        Self::new()
+    /// The signal the tasks watch (for tasks added with [`spawn`](Self::spawn)).
+    pub fn shutdown_signal(&self) -> StopSignal {
+        StopSignal(self.stop.subscribe())
     }
 
     /// Asks every task to finish the message in hand and stop, and waits for them.
-    pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        for task in self.tasks {
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for task in std::mem::take(&mut self.tasks) {
             let _ = task.await;
         }
     }
 
     /// Stops every task at once, wherever it is, as a crash would: open
     /// transactions roll back and unsettled deliveries are redelivered.
-    pub async fn abort(self) {
-        for task in &self.tasks {
+    pub async fn abort(mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for task in &tasks {
             task.abort();
         }
-        for task in self.tasks {
+        for task in tasks {
             let _ = task.await;
+        }
+    }
+
+    /// Lets the tasks run until the process ends, with no handle to stop them.
+    pub fn detach(mut self) {
+        self.detached = true;
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if !self.detached {
+            let _ = self.stop.send(true);
         }
     }
 }
 
-/// Whether shutdown was asked for.
-pub(crate) fn stopping(signal: &watch::Receiver<bool>) -> bool {
-    *signal.borrow()
-}
+/// What a worker's tasks watch to know when to stop.
+///
+/// A stop is asked by [`Worker::shutdown`] or by dropping the [`Worker`];
+/// a detached worker's signal never fires.
+#[derive(Clone, Debug)]
+pub struct StopSignal(watch::Receiver<bool>);
 
-/// Waits for `duration`, or less if shutdown starts.
-pub(crate) async fn pause(signal: &mut watch::Receiver<bool>, duration: Duration) {
-    tokio::select! {
-        _ = signal.wait_for(|stop| *stop) => {}
-        () = tokio::time::sleep(duration) => {}
+impl StopSignal {
+    /// Whether a stop was asked.
+    pub fn is_stopping(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once a stop is asked (never, for a detached worker).
+    pub async fn stopped(&self) {
+        let mut receiver = self.0.clone();
+        if receiver.wait_for(|stop| *stop).await.is_err() {
+            // The worker was detached: nobody can ask for a stop any more.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Waits for `duration`, or less if a stop is asked.
+    pub async fn sleep(&self, duration: Duration) {
+        tokio::select! {
+            () = self.stopped() => {}
+            () = tokio::time::sleep(duration) => {}
+        }
     }
 }
 
@@ -102,19 +145,19 @@ pub(crate) async fn settle(delivery: Delivery, result: Result<()>) {
 }
 
 /// Subscribes `group` to `channels` and runs `handle` on every delivery in a
-/// new worker; returns it with its shutdown signal, for more tasks.
+/// new worker; returns it with its stop signal, for more tasks.
 pub(crate) async fn spawn_consumer<F, Fut>(
     transport: &dyn Transport,
     group: &str,
     channels: &[String],
     handle: F,
-) -> Result<(Worker, watch::Receiver<bool>)>
+) -> Result<(Worker, StopSignal)>
 where
     F: Fn(Message) -> Fut + Send + 'static,
     Fut: Future<Output = Result<()>> + Send + 'static,
 {
     let subscription = transport.subscribe(group, channels).await?;
-    let (mut worker, signal) = Worker::new();
+    let (mut worker, signal) = Worker::empty();
     worker.spawn(consume(subscription, signal.clone(), handle));
     Ok((worker, signal))
 }
@@ -122,7 +165,7 @@ where
 /// Runs `handle` on every delivery until shutdown; the message in hand is finished first.
 pub(crate) async fn consume<F, Fut>(
     mut subscription: Box<dyn Subscription>,
-    mut signal: watch::Receiver<bool>,
+    signal: StopSignal,
     handle: F,
 ) where
     F: Fn(Message) -> Fut + Send,
@@ -132,7 +175,7 @@ pub(crate) async fn consume<F, Fut>(
     loop {
         let next = tokio::select! {
             biased;
-            _ = signal.wait_for(|stop| *stop) => return,
+            () = signal.stopped() => return,
             next = subscription.next() => next,
         };
         match next {
@@ -146,7 +189,7 @@ pub(crate) async fn consume<F, Fut>(
                 failures = failures.saturating_add(1);
                 tracing::warn!(%error, "receiving failed; trying again");
                 let wait = Duration::from_millis(50 * u64::from(failures.min(100)));
-                pause(&mut signal, wait).await;
+                signal.sleep(wait).await;
             }
         }
     }

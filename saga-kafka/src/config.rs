@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
-/// Where Kafka is and how the transport uses it.
-#[derive(Clone, Debug)]
+/// Where Kafka is and how the transport uses it. Its `Debug` output masks
+/// the secrets among [`extra`](Self::extra) (`sasl.password`, ...).
+#[derive(Clone)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`. Default `127.0.0.1:9092`.
     pub brokers: String,
@@ -25,6 +26,26 @@ pub struct KafkaConfig {
     pub session_timeout: Duration,
     /// Extra librdkafka properties for producers and consumers alike.
     pub extra: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let extra: Vec<(&str, &str)> = self
+            .extra
+            .iter()
+            .map(|(key, value)| (key.as_str(), saga_core::redact::redact_property(key, value)))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &saga_core::redact::redact_url(&self.brokers))
+            .field("prefix", &self.prefix)
+            .field("partitions", &self.partitions)
+            .field("replication", &self.replication)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("session_timeout", &self.session_timeout)
+            .field("extra", &extra)
+            .finish()
+    }
 }
 
 impl Default for KafkaConfig {

@@ -102,9 +102,12 @@ impl KafkaTransport {
         let admin: AdminClient<DefaultClientContext> = client_config(&config)
             .create()
             .map_err(|e| Error::Config(format!("Kafka admin client: {e}")))?;
-        probe(&producer)
-            .await
-            .map_err(|e| Error::Unavailable(format!("Kafka at {}: {e}", config.brokers)))?;
+        probe(&producer).await.map_err(|e| {
+            Error::Unavailable(format!(
+                "Kafka at {}: {e}",
+                saga_core::redact::redact_url(&config.brokers)
+            ))
+        })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -161,18 +164,7 @@ impl KafkaTransport {
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => {
-                    return Err(Error::backend(
-                        format!("creating topic {topic:?}"),
-                        matches!(
-                            code,
-                            RDKafkaErrorCode::RequestTimedOut
-                                | RDKafkaErrorCode::NotController
-                                | RDKafkaErrorCode::OperationTimedOut
-                        ),
-                        code.to_string(),
-                    ));
-                }
+                Err((topic, code)) => return Err(topic_error("creating", &topic, code)),
             }
         }
         self.inner
@@ -182,6 +174,21 @@ impl KafkaTransport {
             .extend(missing.into_iter().cloned());
         Ok(())
     }
+}
+
+/// What the admin API answered for one topic, as an error saying whether a
+/// retry can help.
+fn topic_error(action: &str, topic: &str, code: RDKafkaErrorCode) -> Error {
+    Error::backend(
+        format!("{action} topic {topic:?}"),
+        matches!(
+            code,
+            RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::NotController
+                | RDKafkaErrorCode::OperationTimedOut
+        ),
+        code.to_string(),
+    )
 }
 
 fn record_headers(fields: impl IntoIterator<Item = (String, Vec<u8>)>) -> OwnedHeaders {
@@ -330,6 +337,43 @@ impl Transport for KafkaTransport {
             received,
             poller,
         }))
+    }
+
+    /// Deletes each channel's topic and dead-letter topic. The groups'
+    /// committed offsets on them go with the topics (the broker drops the
+    /// offsets of a deleted topic); group ids are not prefixed, so `groups`
+    /// are left alone: another run may share their names.
+    async fn delete_channels(&self, channels: &[String], _groups: &[String]) -> Result<()> {
+        let topics: Vec<String> = channels
+            .iter()
+            .flat_map(|c| [self.topic(c), self.topic(&self.dead_letter_channel(c))])
+            .collect();
+        if topics.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut created = self.inner.created.lock().unwrap();
+            for topic in &topics {
+                created.remove(topic);
+            }
+        }
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let results = self
+            .inner
+            .admin
+            .delete_topics(
+                &names,
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .map_err(kafka("delete topics"))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                Err((topic, code)) => return Err(topic_error("deleting", &topic, code)),
+            }
+        }
+        Ok(())
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -171,3 +171,14 @@ async fn confluent_kafka_reads_a_published_message() {
     assert_eq!(record["key"], "order-7");
     assert_eq!(record["value"], r#"{"order":7}"#);
 }
+
+/// Secrets among the extra librdkafka properties never show in `Debug`.
+#[test]
+fn secret_properties_never_show_in_debug() {
+    let config = KafkaConfig::default()
+        .set("sasl.username", "app")
+        .set("sasl.password", "s3cret-pw");
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("s3cret-pw"), "{debug}");
+    assert!(debug.contains("\"sasl.username\", \"app\""), "{debug}");
+}

@@ -290,11 +290,11 @@ impl<S: OutboxStore> Relay<S> {
     where
         S: Clone,
     {
-        let (mut worker, mut signal) = Worker::empty();
+        let (mut worker, signal) = Worker::empty();
         worker.spawn(async move {
             let mut failures = 0u32;
             let mut lag_refreshed: Option<tokio::time::Instant> = None;
-            while !*signal.borrow() {
+            while !signal.is_stopping() {
                 if lag_refreshed.is_none_or(|at| at.elapsed() >= self.config.lag_interval) {
                     self.report_lag().await;
                     lag_refreshed = Some(tokio::time::Instant::now());
@@ -304,7 +304,7 @@ impl<S: OutboxStore> Relay<S> {
                     Ok(_) => {
                         failures = 0;
                         tokio::select! {
-                            _ = signal.wait_for(|stop| *stop) => {}
+                            () = signal.stopped() => {}
                             () = self.store.wait_for_messages(self.config.poll_interval) => {}
                         }
                     }
@@ -312,10 +312,7 @@ impl<S: OutboxStore> Relay<S> {
                         failures = failures.saturating_add(1);
                         tracing::warn!(%error, "relay batch failed");
                         let wait = self.config.poll_interval * failures.min(20);
-                        tokio::select! {
-                            _ = signal.wait_for(|stop| *stop) => {}
-                            () = tokio::time::sleep(wait) => {}
-                        }
+                        signal.sleep(wait).await;
                     }
                 }
             }

@@ -84,17 +84,14 @@ impl<S: OutboxStore + IdempotencyStore + Clone> Retention<S> {
 
     /// Runs [`run_once`](Self::run_once) every `interval` until shutdown.
     pub fn spawn(self) -> Worker {
-        let (mut worker, mut signal) = Worker::empty();
+        let (mut worker, signal) = Worker::empty();
         worker.spawn(async move {
-            while !*signal.borrow() {
+            while !signal.is_stopping() {
                 match self.run_once().await {
                     Ok(purged) => tracing::debug!(?purged, "retention clean-up"),
                     Err(error) => tracing::warn!(%error, "retention clean-up failed; trying again next interval"),
                 }
-                tokio::select! {
-                    _ = signal.wait_for(|stop| *stop) => {}
-                    () = tokio::time::sleep(self.policy.interval) => {}
-                }
+                signal.sleep(self.policy.interval).await;
             }
         });
         worker

@@ -463,3 +463,75 @@ async fn shutdown_finishes_the_batch_in_hand_and_holds_nothing() {
         "every remaining message is claimable at once: none left leased"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_relay_and_retention_end() {
+    use saga_core::testing::worker::ends_when_dropped;
+    use saga_outbox::{Retention, RetentionPolicy};
+    let store = MemoryStore::new();
+    let relay = Relay::new(store.clone(), Flaky::new().transport(), config());
+    ends_when_dropped("relay", async || Ok(relay.spawn())).await;
+    let retention = Retention::new(
+        store,
+        RetentionPolicy {
+            interval: Duration::from_millis(20),
+            ..RetentionPolicy::default()
+        },
+    );
+    ends_when_dropped("retention", async || Ok(retention.spawn())).await;
+}
+
+/// A dropped relay stops as `shutdown` does: it publishes nothing more and
+/// leaves nothing leased, so another relay takes every message at once.
+/// (Real time: a relay that spins after the drop would never let paused
+/// time advance, and the test would hang instead of failing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_relay_stops_publishing_and_holds_nothing() {
+    let store = MemoryStore::new();
+    let transport = Flaky::new();
+    fill(&store, &["a"], 3).await;
+    let relay = Relay::new(
+        store.clone(),
+        transport.transport(),
+        config().owner("dropped"),
+    )
+    .spawn();
+    wait_until_delivered(&store, Duration::from_secs(30))
+        .await
+        .unwrap();
+    drop(relay);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fill(&store, &["b"], 3).await;
+    // Ten poll intervals: a relay still running would have published key b.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        transport.labels().len(),
+        3,
+        "nothing published after the drop"
+    );
+    let claimed = store
+        .claim(&saga_core::store::ClaimRequest {
+            owner: "next".into(),
+            limit: 100,
+            now: saga_core::clock::now(),
+            lease: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    let claimed: Vec<String> = claimed.iter().map(|r| label(&r.entry.message)).collect();
+    assert_eq!(claimed, ["b:0", "b:1", "b:2"], "key b is free to claim");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_detached_relay_keeps_publishing() {
+    let store = MemoryStore::new();
+    let transport = Flaky::new();
+    Relay::new(store.clone(), transport.transport(), config())
+        .spawn()
+        .detach();
+    fill(&store, &["a", "b"], 5).await;
+    wait_until_delivered(&store, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_complete_and_ordered(&transport.labels(), &["a", "b"], 5);
+}

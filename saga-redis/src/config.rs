@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 /// Where Redis is and how the transport and the idempotency store use it.
-#[derive(Clone, Debug)]
+/// Its `Debug` output masks the password of [`url`](Self::url).
+#[derive(Clone)]
 pub struct RedisConfig {
     /// `redis://host:port/db`. Default `redis://127.0.0.1:6379`.
     pub url: String,
@@ -33,6 +34,24 @@ pub struct RedisConfig {
     /// How long an idempotency lock protects an open transaction; a
     /// transaction that runs longer fails at commit, and is retried.
     pub lock_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &saga_core::redact::redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("max_len", &self.max_len)
+            .field("block", &self.block)
+            .field("batch", &self.batch)
+            .field("reclaim_idle", &self.reclaim_idle)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("forget_idle", &self.forget_idle)
+            .field("response_timeout", &self.response_timeout)
+            .field("retention", &self.retention)
+            .field("lock_timeout", &self.lock_timeout)
+            .finish()
+    }
 }
 
 impl Default for RedisConfig {

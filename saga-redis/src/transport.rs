@@ -62,8 +62,9 @@ pub(crate) async fn connect(
     config: &RedisConfig,
     response_timeout: Duration,
 ) -> Result<ConnectionManager> {
+    let url = saga_core::redact::redact_url(&config.url);
     let client = Client::open(config.url.as_str())
-        .map_err(|e| Error::Config(format!("REDIS url {:?}: {e}", config.url)))?;
+        .map_err(|e| Error::Config(format!("Redis URL {url:?}: {e}")))?;
     let manager = ConnectionManagerConfig::new()
         .set_response_timeout(Some(response_timeout))
         .set_connection_timeout(Some(config.response_timeout))
@@ -72,7 +73,7 @@ pub(crate) async fn connect(
     let conn = client
         .get_connection_manager_with_config(manager)
         .await
-        .map_err(|e| Error::Unavailable(format!("Redis at {}: {e}", config.url)))?;
+        .map_err(|e| Error::Unavailable(format!("Redis at {url}: {e}")))?;
     Ok(conn)
 }
 
@@ -222,6 +223,30 @@ impl Transport for RedisTransport {
             retry: Arc::default(),
             last_reclaim: None,
         }))
+    }
+
+    /// Deletes each channel's stream and its dead-letter stream (`DEL`);
+    /// the groups on them go with the streams, whatever `groups` names.
+    async fn delete_channels(&self, channels: &[String], _groups: &[String]) -> Result<()> {
+        let keys: Vec<String> = channels
+            .iter()
+            .flat_map(|c| {
+                [
+                    self.stream_key(c),
+                    self.stream_key(&self.dead_letter_channel(c)),
+                ]
+            })
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.shared.conn.clone();
+        let _: i64 = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis("DEL"))?;
+        Ok(())
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -337,3 +337,37 @@ async fn a_restarted_broker_loses_no_confirmed_message() {
     })
     .await;
 }
+
+/// The password of `REDIS_URL` never shows: not in the config's `Debug`, not
+/// in the error of a server that cannot be reached, not in the error of a
+/// server that refuses it.
+#[tokio::test]
+async fn passwords_never_show_in_errors_or_debug() {
+    let secret = "s3cret-pw";
+    let port = free_port();
+    let mut closed = RedisConfig::default().url(format!("redis://:{secret}@127.0.0.1:{port}/15"));
+    closed.response_timeout = Duration::from_millis(500);
+    let debug = format!("{closed:?}");
+    assert!(
+        !debug.contains(secret) && debug.contains(":***@"),
+        "{debug}"
+    );
+    let error = RedisTransport::connect(closed)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains(&format!(":***@127.0.0.1:{port}")), "{error}");
+    assert!(!error.contains(secret), "{error}");
+
+    let Some(reachable) = transport().await else {
+        return;
+    };
+    drop(reachable);
+    // The test server has no password: AUTH with one is refused.
+    let url = config().url.replacen("://", &format!("://:{secret}@"), 1);
+    let error = RedisIdempotencyStore::connect(config().url(url))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(!error.contains(secret), "{error}");
+}

@@ -43,6 +43,35 @@ pub(crate) fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
     }
 }
 
+/// Turns sqlx's errors in your own queries into saga-core's, classified as
+/// the stores classify theirs: a deadlock, a serialization failure, a busy
+/// SQLite file or a lost connection is retryable; a constraint or syntax
+/// error is not. Inside a saga step or a handler, `?` turns the result into
+/// a [`StepError`](saga_core::StepError) with the same retryability.
+///
+/// ```no_run
+/// use saga_sqlx::{SqlxResultExt, SqliteStore, sqlx};
+/// # async fn run(store: SqliteStore) -> saga_core::Result<()> {
+/// sqlx::query("UPDATE wallets SET balance = balance - 5 WHERE id = 'alice'")
+///     .execute(store.pool())
+///     .await
+///     .context("debiting alice")?;
+/// # Ok(()) }
+/// ```
+pub trait SqlxResultExt<T> {
+    /// The error, if any, as a [`saga_core::Error`] saying what was being done.
+    fn context(self, what: impl Into<String>) -> saga_core::Result<T>;
+}
+
+impl<T> SqlxResultExt<T> for Result<T, sqlx::Error> {
+    fn context(self, what: impl Into<String>) -> saga_core::Result<T> {
+        self.map_err(|error| {
+            let retryable = is_retryable(&error);
+            Error::backend(what, retryable, error)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::retryable_sqlstate;

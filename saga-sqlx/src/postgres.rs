@@ -14,8 +14,8 @@ use saga_core::{
     Error, IdempotencyStore, MessageId, OutboxEntry, OutboxStore, Result, SagaId, SagaStore,
     Transactional,
 };
+use sqlx::Row;
 use sqlx::postgres::{PgListener, PgPool, PgRow};
-use sqlx::{Postgres, Row, Transaction};
 use std::sync::Arc;
 use tokio::sync::Mutex;
 use uuid::Uuid;
@@ -24,12 +24,10 @@ use crate::codec::{decode, encode};
 use crate::error::db;
 use crate::schema::validate_identifier;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
 /// The outbox, idempotency and saga stores on one PostgreSQL schema.
 ///
 /// Cheap to clone (the pool is shared). Writes that belong to a business
-/// transaction take a [`Transaction`] from [`Transactional::begin`] or from the
+/// transaction take a [`PostgresTx`](crate::PostgresTx) from [`Transactional::begin`] or from the
 /// same pool: your business rows commit with them.
 /// After a commit that enqueued messages, relays waiting in
 /// [`OutboxStore::wait_for_messages`] wake up through LISTEN/NOTIFY: one
@@ -173,7 +171,13 @@ impl PostgresStore {
             .execute(&mut *conn)
             .await
             .map_err(db("selecting the schema"))?;
-        let result = MIGRATOR.run(&mut *conn).await;
+        let mut migrator = sqlx::migrate!("./migrations/postgres");
+        // Migrations the store does not know are the application's own.
+        migrator.set_ignore_missing(true);
+        // `run_direct` takes the connection itself: `run` goes through
+        // `Acquire`, whose higher-ranked bound makes this future not `Send`
+        // (sqlx's own workaround, hidden from its docs).
+        let result = migrator.run_direct(&mut *conn).await;
         let reset = sqlx::query("RESET search_path").execute(&mut *conn).await;
         result.map_err(|e| Error::backend("applying migrations", false, e))?;
         reset.map_err(db("resetting the search path"))?;
@@ -226,7 +230,7 @@ impl PostgresStore {
 
 #[async_trait]
 impl Transactional for PostgresStore {
-    type Tx = Transaction<'static, Postgres>;
+    type Tx = crate::PostgresTx;
 
     async fn begin(&self) -> Result<Self::Tx> {
         self.pool

@@ -16,16 +16,14 @@ use saga_core::{
     Error, IdempotencyStore, MessageId, OutboxEntry, OutboxStore, Result, SagaId, SagaStore,
     Transactional,
 };
+use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
 };
-use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::Notify;
 
 use crate::codec::{decode, encode};
 use crate::error::db;
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// The outbox, idempotency and saga stores in one SQLite database.
 ///
@@ -180,10 +178,21 @@ impl SqliteStore {
         self.committed.notify_one();
     }
 
-    /// Applies the embedded migrations the database lacks; running it again changes nothing.
+    /// Applies the embedded migrations the database lacks; running it again
+    /// changes nothing. Your own sqlx migrations may share the file: each
+    /// side leaves the other's versions alone (set
+    /// [`Migrator::set_ignore_missing`](sqlx::migrate::Migrator::set_ignore_missing)
+    /// on yours).
     pub async fn migrate(&self) -> Result<()> {
-        MIGRATOR
-            .run(&self.pool)
+        let mut migrator = sqlx::migrate!("./migrations/sqlite");
+        migrator.set_ignore_missing(true);
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(db("connecting to migrate"))?;
+        migrator
+            .run_direct(&mut *conn)
             .await
             .map_err(|e| Error::backend("applying migrations", false, e))
     }
@@ -214,7 +223,7 @@ impl SqliteStore {
 
 #[async_trait]
 impl Transactional for SqliteStore {
-    type Tx = Transaction<'static, Sqlite>;
+    type Tx = crate::SqliteTx;
 
     /// `BEGIN IMMEDIATE`: the transaction takes SQLite's write lock at once,
     /// waiting up to the busy timeout. A deferred transaction that reads

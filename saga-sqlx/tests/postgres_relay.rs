@@ -55,6 +55,12 @@ async fn a_relay_aborted_mid_batch_loses_nothing() {
     relay_cases::a_relay_aborted_mid_batch_loses_nothing(store).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_workers_end() {
+    let Some(store) = store().await else { return };
+    relay_cases::dropped_workers_end(store).await;
+}
+
 /// A broker that is a table: a publish is confirmed once its row committed,
 /// so what a killed process published stays visible.
 struct TableBroker {
@@ -76,6 +82,12 @@ impl Transport for TableBroker {
     async fn subscribe(&self, _: &str, _: &[String]) -> Result<Box<dyn Subscription>> {
         Err(Error::Config(
             "the table broker only records publishes".into(),
+        ))
+    }
+
+    async fn delete_channels(&self, _: &[String], _: &[String]) -> Result<()> {
+        Err(Error::Config(
+            "the table broker keeps what it recorded".into(),
         ))
     }
 

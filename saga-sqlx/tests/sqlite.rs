@@ -76,4 +76,10 @@ mod relay {
         let store = super::store().await.unwrap();
         super::relay_cases::a_relay_aborted_mid_batch_loses_nothing(store).await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropped_workers_end() {
+        let store = super::store().await.unwrap();
+        super::relay_cases::dropped_workers_end(store).await;
+    }
 }

@@ -354,6 +354,19 @@ impl Transport for MemoryTransport {
         }))
     }
 
+    /// Forgets the channels' logs and every group's place in them (whatever
+    /// `groups` names: the in-memory broker knows them all).
+    async fn delete_channels(&self, channels: &[String], _groups: &[String]) -> Result<()> {
+        let mut state = self.shared.lock();
+        for channel in channels {
+            for name in [channel.clone(), self.dead_letter_channel(channel)] {
+                state.logs.remove(&name);
+                state.groups.retain(|(_, of), _| *of != name);
+            }
+        }
+        Ok(())
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             ordered_per_key: true,

@@ -153,6 +153,23 @@ pub struct SagaInstance {
     pub updated_at: DateTime<Utc>,
 }
 
+impl SagaInstance {
+    /// The failure that turned the saga back: the forward step event (failed
+    /// or timed out) after which it compensated. An earlier attempt of a
+    /// retried step that failed is not it; the attempt that exhausted the
+    /// retries, or was refused for good, is. `None` while the saga runs
+    /// forward and after it completed.
+    pub fn failure(&self) -> Option<&StepEvent> {
+        if matches!(self.state, SagaState::Running | SagaState::Completed) {
+            return None;
+        }
+        self.history.iter().rev().find(|event| {
+            event.phase == Phase::Forward
+                && matches!(event.status, StepStatus::Failed | StepStatus::TimedOut)
+        })
+    }
+}
+
 /// What happened to one event in a choreographed flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LogStatus {
@@ -201,4 +218,76 @@ pub struct SagaLogEntry {
     pub error: Option<String>,
     /// When.
     pub at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(step: &str, phase: Phase, status: StepStatus, attempt: u32, error: &str) -> StepEvent {
+        StepEvent {
+            step: step.into(),
+            index: 1,
+            phase,
+            status,
+            attempt,
+            at: Utc::now(),
+            error: (!error.is_empty()).then(|| error.into()),
+        }
+    }
+
+    fn saga(state: SagaState, history: Vec<StepEvent>) -> SagaInstance {
+        SagaInstance {
+            id: SagaId::new(),
+            saga_type: "place-order".into(),
+            state,
+            step: 0,
+            attempt: 1,
+            data: serde_json::Value::Null,
+            awaiting: None,
+            wake_at: None,
+            lease_owner: None,
+            lease_until: None,
+            error: None,
+            correlation_id: "c".into(),
+            history,
+            version: 1,
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn the_failure_is_the_attempt_that_turned_the_saga_back() {
+        use Phase::{Compensation, Forward};
+        use StepStatus::{Failed, IgnoredReply, Sent, Succeeded, TimedOut};
+        let history = vec![
+            event("pay", Forward, Sent, 1, ""),
+            event("pay", Forward, TimedOut, 1, "no reply within the deadline"),
+            event("pay", Forward, Sent, 2, ""),
+            event("pay", Forward, IgnoredReply, 1, "late"),
+            event("pay", Forward, Failed, 2, "insufficient funds"),
+            event("reserve", Compensation, Sent, 1, ""),
+            event("reserve", Compensation, Failed, 1, "stock service down"),
+        ];
+        for state in [
+            SagaState::Compensating,
+            SagaState::Compensated,
+            SagaState::Failed,
+        ] {
+            let saga = saga(state, history.clone());
+            let failure = saga.failure().expect("a failure turned it back");
+            assert_eq!(failure.error.as_deref(), Some("insufficient funds"));
+            assert_eq!(failure.attempt, 2);
+        }
+        let retried = saga(SagaState::Running, history[..3].to_vec());
+        assert_eq!(
+            retried.failure(),
+            None,
+            "a retry is under way: nothing decided yet"
+        );
+        let mut done = history[..3].to_vec();
+        done.push(event("pay", Forward, Succeeded, 2, ""));
+        assert_eq!(saga(SagaState::Completed, done).failure(), None);
+    }
 }

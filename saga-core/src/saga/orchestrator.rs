@@ -20,7 +20,7 @@ use crate::saga::instance::{Phase, SagaInstance, SagaState, StepEvent, StepStatu
 use crate::store::{Inbox, SagaFilter, Store, open_inbox};
 use crate::transport::Transport;
 use crate::wire::headers;
-use crate::worker::{self, Worker};
+use crate::worker::{self, StopSignal, Worker};
 
 /// How an orchestrator runs.
 #[derive(Clone, Debug)]
@@ -604,10 +604,10 @@ impl<S: Store + Clone> Orchestrator<S> {
             .insert(headers::SAGA_ATTEMPT.to_owned(), saga.attempt.to_string());
     }
 
-    async fn poll_due(self, mut signal: tokio::sync::watch::Receiver<bool>) {
+    async fn poll_due(self, signal: StopSignal) {
         let config = &self.inner.config;
         loop {
-            if worker::stopping(&signal) {
+            if signal.is_stopping() {
                 return;
             }
             let claimed = self
@@ -636,7 +636,7 @@ impl<S: Store + Clone> Orchestrator<S> {
                 }
             };
             if !full {
-                worker::pause(&mut signal, config.poll_interval).await;
+                signal.sleep(config.poll_interval).await;
             }
         }
     }

@@ -25,6 +25,7 @@ pub mod idempotency;
 pub mod outbox;
 pub mod saga_store;
 pub mod transport;
+pub mod worker;
 
 use std::fmt::Display;
 use std::time::Duration;
@@ -169,6 +170,7 @@ macro_rules! transport_conformance {
                 dead_lettered_message_is_not_redelivered,
                 publish_batch_confirms_each_message,
                 late_group_receives_history,
+                deleted_channels_start_afresh,
             ]
         );
     };

@@ -105,6 +105,41 @@ pub async fn envelope_round_trips<T: Transport>(transport: T) {
     delivery.ack().await.unwrap();
 }
 
+/// After [`Transport::delete_channels`] a channel starts afresh: the
+/// messages its group had not taken are gone, and it works again at once.
+/// Deleting channels that never existed succeeds.
+pub async fn deleted_channels_start_afresh<T: Transport>(transport: T) {
+    transport
+        .delete_channels(&[unique("never")], &[unique("group")])
+        .await
+        .expect("deleting what does not exist succeeds");
+    let channel = unique("events");
+    let group = unique("group");
+    let sub = subscribe(&transport, &group, &channel).await;
+    transport
+        .publish(&channel, &message("before"))
+        .await
+        .unwrap();
+    drop(sub);
+    transport
+        .delete_channels(std::slice::from_ref(&channel), std::slice::from_ref(&group))
+        .await
+        .expect("deleting the channel");
+    let mut sub = subscribe(&transport, &group, &channel).await;
+    transport
+        .publish(&channel, &message("after"))
+        .await
+        .unwrap();
+    let delivery = receive(&mut sub).await;
+    assert_eq!(
+        label(&delivery),
+        "after",
+        "what the deleted channel held is gone"
+    );
+    delivery.ack().await.unwrap();
+    nothing_more(&mut sub).await;
+}
+
 /// After an ack the group never sees the message again.
 pub async fn acked_message_is_not_redelivered<T: Transport>(transport: T) {
     let channel = unique("events");

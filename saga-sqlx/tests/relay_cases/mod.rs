@@ -143,3 +143,21 @@ pub async fn a_relay_aborted_mid_batch_loses_nothing<S: OutboxStore + Clone>(sto
     assert_complete_and_ordered(&labels, 3, 30);
     survivor.shutdown().await;
 }
+
+/// Dropping the handle of any worker on this store ends its tasks: the
+/// relay, retention, and the engine's components (none keeps polling the
+/// database behind the user's back).
+pub async fn dropped_workers_end<S: saga_core::Store + Clone>(store: S) {
+    use saga_core::testing::worker::{ends_when_dropped, engine_workers_end_when_dropped};
+    use saga_outbox::{Retention, RetentionPolicy};
+    let transport = Arc::new(MemoryTransport::default());
+    let relay = Relay::new(store.clone(), transport, config("dropped"));
+    ends_when_dropped("relay", async || Ok(relay.spawn())).await;
+    let policy = RetentionPolicy {
+        interval: Duration::from_millis(20),
+        ..RetentionPolicy::default()
+    };
+    let retention = Retention::new(store.clone(), policy);
+    ends_when_dropped("retention", async || Ok(retention.spawn())).await;
+    engine_workers_end_when_dropped(store).await;
+}

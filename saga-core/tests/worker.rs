@@ -1,0 +1,8 @@
+//! The Worker contract on the in-memory store: a dropped handle stops its tasks.
+
+use saga_core::memory::MemoryStore;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_workers_end_when_dropped() {
+    saga_core::testing::worker::engine_workers_end_when_dropped(MemoryStore::new()).await;
+}
