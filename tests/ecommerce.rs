@@ -6,6 +6,8 @@
 //! One combination at a time: scenario 8 loads the machine, and the
 //! scenarios' deadlines are real time.
 
+#[path = "../examples/ecommerce/faults.rs"]
+mod faults;
 #[path = "../examples/ecommerce/scenarios.rs"]
 mod scenarios;
 #[path = "../examples/ecommerce/shop.rs"]

@@ -50,6 +50,7 @@ fn help_is_shown_and_bad_arguments_are_refused() {
             &["serve", "--listen", "not-an-address"][..],
             "not-an-address",
         ),
+        (&["--keep", "serve"][..], "--keep"),
     ] {
         let refused = run(args);
         let stderr = text(&refused.stderr);
@@ -119,9 +120,18 @@ fn run_and_place(stdout: &str) -> (String, String) {
     (run.to_owned(), place.to_owned())
 }
 
-/// The demo on SQLite deletes its files when it ends.
+/// The SQLite directory the demo names on its first line.
+fn demo_dir(stdout: &str) -> std::path::PathBuf {
+    let (_, place) = run_and_place(stdout);
+    place
+        .strip_prefix("SQLite files in ")
+        .unwrap_or_else(|| panic!("SQLite by default: {place}"))
+        .into()
+}
+
+/// The demo on SQLite deletes its files when it ends, unless `--keep`.
 #[test]
-fn the_demo_removes_its_files() {
+fn the_demo_removes_its_files_unless_kept() {
     let demo = run(&[]);
     let stdout = text(&demo.stdout);
     assert_eq!(
@@ -130,11 +140,56 @@ fn the_demo_removes_its_files() {
         "{stdout}{}",
         text(&demo.stderr)
     );
-    let (_, place) = run_and_place(&stdout);
-    let dir = place
-        .strip_prefix("SQLite files in ")
-        .unwrap_or_else(|| panic!("SQLite by default: {place}"));
-    assert!(!std::path::Path::new(dir).exists(), "{dir} is left behind");
+    let dir = demo_dir(&stdout);
+    assert!(!dir.exists(), "{} is left behind", dir.display());
+
+    let kept = run(&["--keep"]);
+    let stdout = text(&kept.stdout);
+    assert_eq!(
+        kept.status.code(),
+        Some(0),
+        "{stdout}{}",
+        text(&kept.stderr)
+    );
+    let dir = demo_dir(&stdout);
+    let files = std::fs::read_dir(&dir).map(Iterator::count);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        files.is_ok_and(|n| n > 0),
+        "--keep keeps {}: {stdout}",
+        dir.display()
+    );
+}
+
+/// A demo stopped with Ctrl-C still deletes its files.
+#[test]
+fn an_interrupted_demo_removes_its_files() {
+    use std::io::BufRead;
+    let mut demo = Command::new(example_binary())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the example binary starts");
+    let mut first = String::new();
+    std::io::BufReader::new(demo.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let dir = demo_dir(&first);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.exists() {
+        assert!(Instant::now() < deadline, "the demo made no files");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args(["-INT", &demo.id().to_string()])
+        .status()
+        .unwrap();
+    let output = demo.wait_with_output().unwrap();
+    let stderr = text(&output.stderr);
+    assert_ne!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(!dir.exists(), "{} is left behind", dir.display());
 }
 
 /// The demo on PostgreSQL and Redis drops its databases and deletes its

@@ -22,7 +22,8 @@ use saga::{
 struct Data;
 
 /// Spawns `future` on the runtime: compiles only if it is `Send + 'static`.
-fn spawn<F>(future: F)
+/// (Not named `spawn`: the check below looks for each function's name.)
+fn spawned<F>(future: F)
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
@@ -39,7 +40,7 @@ fn engine<S: Store + Clone>(store: S, transport: Arc<dyn Transport>) {
     )
     .build();
     let (o, s) = (orchestrator.clone(), store.clone());
-    spawn(async move {
+    spawned(async move {
         let mut tx = s.begin().await?;
         o.start(&mut tx, "t", &Data).await?;
         o.start_with(&mut tx, "t", &Data, saga::StartOptions::default())
@@ -49,7 +50,7 @@ fn engine<S: Store + Clone>(store: S, transport: Arc<dyn Transport>) {
         s.commit(tx).await
     });
     let o = orchestrator.clone();
-    spawn(async move {
+    spawned(async move {
         let id = o.start_saga("t", &Data).await?;
         o.handle_reply(&Message::new("r", vec![])).await?;
         o.drive(id).await?;
@@ -60,19 +61,19 @@ fn engine<S: Store + Clone>(store: S, transport: Arc<dyn Transport>) {
         Ok::<(), saga::Error>(())
     });
     let participant = Participant::new("stock", "commands", store.clone(), Arc::clone(&transport));
-    spawn(async move {
+    spawned(async move {
         participant.handle(&Message::new("c", vec![])).await?;
         participant.spawn().await?.abort().await;
         Ok::<(), saga::Error>(())
     });
     let consumer = EventConsumer::new("audit", ["events"], store.clone(), Arc::clone(&transport));
-    spawn(async move {
+    spawned(async move {
         consumer.handle(&Message::new("e", vec![])).await?;
         consumer.spawn().await.map(Worker::detach)
     });
     let relay = Relay::new(store.clone(), transport, RelayConfig::default());
     let retention = Retention::new(store.clone(), RetentionPolicy::default());
-    spawn(async move {
+    spawned(async move {
         relay.run_once().await?;
         retention.run_once().await?;
         wait_until_delivered(&store, Duration::from_secs(1)).await
@@ -83,18 +84,18 @@ fn engine<S: Store + Clone>(store: S, transport: Arc<dyn Transport>) {
 /// stop signal and the in-memory store's inspection helpers.
 fn core(delivery: [Delivery; 3], store: MemoryStore) {
     let [a, b, c] = delivery;
-    spawn(async move {
+    spawned(async move {
         a.ack().await?;
         b.nack("later").await?;
         c.dead_letter("never").await
     });
     let (worker, signal) = Worker::empty();
-    spawn(async move {
+    spawned(async move {
         signal.sleep(Duration::from_millis(1)).await;
         signal.stopped().await;
     });
     worker.detach();
-    spawn(async move {
+    spawned(async move {
         store.row::<serde_json::Value>("orders", "o-1").await?;
         store.rows("orders").await;
         Ok::<(), saga::Error>(())
@@ -104,7 +105,7 @@ fn core(delivery: [Delivery; 3], store: MemoryStore) {
 #[cfg(feature = "sqlite")]
 fn sqlite(store: saga::sql::SqliteStore, transport: Arc<dyn Transport>) {
     engine(store.clone(), transport);
-    spawn(async move {
+    spawned(async move {
         store.migrate().await?;
         saga::sql::SqliteStore::connect("sqlite::memory:").await
     });
@@ -113,29 +114,29 @@ fn sqlite(store: saga::sql::SqliteStore, transport: Arc<dyn Transport>) {
 #[cfg(feature = "postgres")]
 fn postgres(store: saga::sql::PostgresStore, transport: Arc<dyn Transport>) {
     engine(store.clone(), transport);
-    spawn(async move { store.migrate().await });
+    spawned(async move { store.migrate().await });
 }
 
 #[cfg(feature = "kafka")]
 fn kafka() {
-    spawn(saga::kafka::KafkaTransport::connect(
+    spawned(saga::kafka::KafkaTransport::connect(
         saga::kafka::KafkaConfig::from_env(),
     ));
 }
 
 #[cfg(feature = "amqp")]
 fn amqp() {
-    spawn(saga::amqp::AmqpTransport::connect(
+    spawned(saga::amqp::AmqpTransport::connect(
         saga::amqp::AmqpConfig::from_env(),
     ));
 }
 
 #[cfg(feature = "redis")]
 fn redis() {
-    spawn(saga::redis::RedisTransport::connect(
+    spawned(saga::redis::RedisTransport::connect(
         saga::redis::RedisConfig::from_env(),
     ));
-    spawn(saga::redis::RedisIdempotencyStore::connect(
+    spawned(saga::redis::RedisIdempotencyStore::connect(
         saga::redis::RedisConfig::from_env(),
     ));
 }
@@ -197,6 +198,7 @@ fn every_public_async_fn_is_spawned_here() {
                     format!("::{name}("),
                     format!(".{name}::<"),
                     format!(" {name}("),
+                    format!("({name}("),
                 ];
                 if !called.iter().any(|call| this.contains(call.as_str())) {
                     missing.insert(format!("{name} ({})", path.display()));

@@ -33,6 +33,7 @@
 //! `warn,sqlx::query=error,ecommerce=info`; `RUST_LOG=saga=debug` shows
 //! what the library does).
 
+mod faults;
 mod http;
 #[path = "../support/logs.rs"]
 mod logs;
@@ -45,7 +46,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use shop::{Databases, Services, ShopConfig};
 use transport::TransportKind;
 
@@ -60,7 +61,8 @@ struct Cli {
     #[command(flatten)]
     shop: ShopArgs,
     /// Keep what the demo made for itself (databases or files, topics,
-    /// queues or streams) instead of deleting it at the end.
+    /// queues or streams) instead of deleting it at the end. (`serve` and
+    /// `service` always keep their data.)
     #[arg(long)]
     keep: bool,
 }
@@ -288,6 +290,14 @@ async fn demo(shop_args: &ShopArgs, keep: bool) -> ExitCode {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.keep && cli.command.is_some() {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--keep is for the demo: `serve` and `service` always keep their data",
+            )
+            .exit();
+    }
     // sqlx warns of every statement over 1 s: scenario 8 queues 500 orders
     // on SQLite's one writer on purpose.
     logs::init("warn,sqlx::query=error,ecommerce=info");

@@ -3,12 +3,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use saga::{Message, OutboxEntry, Subscription, Transport, transport::Capabilities};
+use saga::Transport;
 
+use crate::faults::{LoseFirst, Twice};
 use crate::shop::{self, Cents, Databases, Item, OrderView, Services, ShopApi, ShopConfig};
 use crate::transport::TransportKind;
 
@@ -35,105 +34,6 @@ fn status(view: &OrderView) -> String {
     match &view.reason {
         Some(reason) => format!("{} ({reason})", view.status),
         None => view.status.clone(),
-    }
-}
-
-/// Publishes every message twice: each consumer sees each message twice.
-pub(crate) struct Twice(pub(crate) Arc<dyn Transport>);
-
-#[async_trait]
-impl Transport for Twice {
-    async fn publish(&self, channel: &str, message: &Message) -> saga::Result<()> {
-        self.0.publish(channel, message).await?;
-        self.0.publish(channel, message).await
-    }
-
-    async fn publish_batch(&self, entries: &[OutboxEntry]) -> Vec<saga::Result<()>> {
-        let doubled: Vec<OutboxEntry> = entries
-            .iter()
-            .flat_map(|e| [e.clone(), e.clone()])
-            .collect();
-        let results = self.0.publish_batch(&doubled).await;
-        results
-            .chunks(2)
-            .map(|pair| match pair {
-                [Ok(()), Ok(())] => Ok(()),
-                [Err(e), _] | [_, Err(e)] => Err(saga::Error::Unavailable(e.to_string())),
-                _ => Err(saga::Error::Unavailable("missing result".into())),
-            })
-            .collect()
-    }
-
-    async fn check(&self) -> saga::Result<()> {
-        self.0.check().await
-    }
-
-    async fn subscribe(
-        &self,
-        group: &str,
-        channels: &[String],
-    ) -> saga::Result<Box<dyn Subscription>> {
-        self.0.subscribe(group, channels).await
-    }
-
-    async fn delete_channels(&self, channels: &[String], groups: &[String]) -> saga::Result<()> {
-        self.0.delete_channels(channels, groups).await
-    }
-
-    fn dead_letter_channel(&self, channel: &str) -> String {
-        self.0.dead_letter_channel(channel)
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
-    }
-}
-
-/// Confirms the first publish of one message type without delivering it (a
-/// message lost on the way); everything else goes through, one by one.
-struct LoseFirst {
-    inner: Arc<dyn Transport>,
-    message_type: &'static str,
-    lost: AtomicBool,
-}
-
-impl LoseFirst {
-    fn loses(&self, message: &Message) -> bool {
-        message.message_type == self.message_type && !self.lost.swap(true, Ordering::SeqCst)
-    }
-}
-
-#[async_trait]
-impl Transport for LoseFirst {
-    async fn publish(&self, channel: &str, message: &Message) -> saga::Result<()> {
-        if self.loses(message) {
-            return Ok(());
-        }
-        self.inner.publish(channel, message).await
-    }
-
-    async fn check(&self) -> saga::Result<()> {
-        self.inner.check().await
-    }
-
-    async fn subscribe(
-        &self,
-        group: &str,
-        channels: &[String],
-    ) -> saga::Result<Box<dyn Subscription>> {
-        self.inner.subscribe(group, channels).await
-    }
-
-    async fn delete_channels(&self, channels: &[String], groups: &[String]) -> saga::Result<()> {
-        self.inner.delete_channels(channels, groups).await
-    }
-
-    fn dead_letter_channel(&self, channel: &str) -> String {
-        self.inner.dead_letter_channel(channel)
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
     }
 }
 
@@ -497,7 +397,8 @@ impl Shops {
 
 /// Runs every scenario; each shop gets databases of its own under
 /// `databases` and channels named `<run>.<shop>.*`, which it deletes at the
-/// end unless `keep` (the caller owns the databases).
+/// end unless `keep` (the caller owns the databases), also after an error
+/// or a Ctrl-C.
 ///
 /// With `config.choreography`, scenarios 7 and 9 are not run: a step
 /// deadline is the orchestrator's; a choreographed flow has no one waiting
@@ -510,7 +411,11 @@ pub(crate) async fn run_all(
     keep: bool,
 ) -> saga::Result<Vec<Outcome>> {
     let mut shops = Shops::default();
-    let outcomes = scenarios(&mut shops, databases, kind, run, config).await;
+    // Ctrl-C stops the scenarios, not the clean-up.
+    let outcomes = tokio::select! {
+        outcomes = scenarios(&mut shops, databases, kind, run, config) => outcomes,
+        _ = tokio::signal::ctrl_c() => Err(saga::Error::Config("interrupted by Ctrl-C".into())),
+    };
     let cleaned = shops.stop(keep).await;
     let outcomes = outcomes?;
     cleaned?;
@@ -608,11 +513,7 @@ async fn scenarios(
         let started = Instant::now();
         let retried = shops
             .start(databases, kind, run, "retry", &retry_config, |transport| {
-                Arc::new(LoseFirst {
-                    inner: transport,
-                    message_type: "payment.charge",
-                    lost: AtomicBool::new(false),
-                })
+                Arc::new(LoseFirst::new(transport, "payment.charge"))
             })
             .await?;
         record(

@@ -126,7 +126,7 @@ pub(crate) struct StepView {
 }
 
 /// Where the services keep their data.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(crate) enum Databases {
     /// One SQLite file per service in this directory.
     Sqlite(PathBuf),

@@ -23,6 +23,10 @@
 //! headers; `message_id`, `type` and `content_type` are also set as AMQP
 //! properties for tools that show those.
 //!
+//! A dropped subscription closes its connection at once; lapin ends that
+//! connection's heartbeat task at its next tick, half the negotiated
+//! heartbeat later (30 s by default; `?heartbeat=N` in the URL sets it).
+//!
 //! Order per ordering key: RabbitMQ dispatches one queue round-robin to its
 //! consumers, so competing members may handle two messages of one key at the
 //! same time. [`AmqpConfig::single_active_consumer`] keeps the order instead:
@@ -252,31 +256,41 @@ impl AmqpTransport {
         }
         drop(guard);
         let config = &self.inner.config;
-        let (connection, amqp_channel) = open(config).await?;
+        let (connection, mut amqp_channel) = open(config).await?;
         let mut deleted = Ok(());
         for channel in channels {
             let dead = config.exchange(&format!("{channel}.dlq"));
-            let mut queues: Vec<String> = groups
+            let queues = groups
                 .iter()
                 .map(|group| config.group_queue(channel, group))
-                .collect();
-            queues.push(dead.clone());
-            for queue in queues {
-                deleted = deleted.and(
+                .chain([dead.clone()]);
+            let exchanges = [config.exchange(channel), dead.clone()];
+            for (name, is_queue) in queues
+                .map(|q| (q, true))
+                .chain(exchanges.into_iter().map(|e| (e, false)))
+            {
+                // An error closes the AMQP channel: go on with a new one.
+                if !amqp_channel.status().connected() {
+                    amqp_channel = connection
+                        .create_channel()
+                        .await
+                        .map_err(amqp("channel.open"))?;
+                }
+                let result = if is_queue {
                     amqp_channel
-                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                        .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
                         .await
                         .map(drop)
-                        .map_err(amqp("queue.delete")),
-                );
-            }
-            for exchange in [config.exchange(channel), dead] {
-                deleted = deleted.and(
+                        .map_err(amqp("queue.delete"))
+                } else {
                     amqp_channel
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
                         .await
-                        .map_err(amqp("exchange.delete")),
-                );
+                        .map_err(amqp("exchange.delete"))
+                };
+                deleted = deleted.and(result.map_err(|e| {
+                    Error::backend(format!("deleting {name:?}"), e.is_retryable(), e)
+                }));
             }
         }
         let _ = connection.close(200, "deleted".into()).await;

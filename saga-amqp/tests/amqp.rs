@@ -295,3 +295,23 @@ async fn passwords_never_show_in_errors_or_debug() {
         .to_string();
     assert!(!error.contains(secret), "{error}");
 }
+
+/// Dropping a component's Worker ends its tasks, its subscription's included.
+/// lapin's heartbeat task of a closed connection ends at its next tick, half
+/// the heartbeat interval (60 s by default) later: a 4 s heartbeat keeps the
+/// wait short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_workers_end() {
+    let config = config();
+    let separator = if config.url.contains('?') { '&' } else { '?' };
+    let url = format!("{}{separator}heartbeat=4", config.url);
+    let transport = match AmqpTransport::connect(config.url(url)).await {
+        Ok(transport) => transport,
+        Err(e) => return unavailable("RabbitMQ", e).unwrap_or(()),
+    };
+    saga_core::testing::worker::engine_workers_end_when_dropped(
+        saga_core::memory::MemoryStore::new(),
+        std::sync::Arc::new(transport),
+    )
+    .await;
+}

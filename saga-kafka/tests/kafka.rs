@@ -182,3 +182,16 @@ fn secret_properties_never_show_in_debug() {
     assert!(!debug.contains("s3cret-pw"), "{debug}");
     assert!(debug.contains("\"sasl.username\", \"app\""), "{debug}");
 }
+
+/// Dropping a component's Worker ends its tasks, its subscription's included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_workers_end() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    saga_core::testing::worker::engine_workers_end_when_dropped(
+        saga_core::memory::MemoryStore::new(),
+        std::sync::Arc::new(transport),
+    )
+    .await;
+}

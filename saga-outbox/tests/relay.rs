@@ -481,35 +481,43 @@ async fn dropped_relay_and_retention_end() {
     ends_when_dropped("retention", async || Ok(retention.spawn())).await;
 }
 
-/// A dropped relay stops as `shutdown` does: it publishes nothing more and
-/// leaves nothing leased, so another relay takes every message at once.
-/// (Real time: a relay that spins after the drop would never let paused
-/// time advance, and the test would hang instead of failing.)
+/// A relay dropped mid-batch stops as `shutdown` does: it finishes the
+/// batch in hand, publishes nothing more, and leaves nothing leased, so
+/// another relay takes every remaining message at once. (Real time: a relay
+/// that spins after the drop would never let paused time advance, and the
+/// test would hang instead of failing.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_relay_stops_publishing_and_holds_nothing() {
+async fn a_relay_dropped_mid_batch_stops_and_holds_nothing() {
     let store = MemoryStore::new();
     let transport = Flaky::new();
-    fill(&store, &["a"], 3).await;
+    transport
+        .inner
+        .on_publish(|_, _| Some(PublishFault::Delay(Duration::from_millis(50))));
+    fill(&store, &["a", "b", "c", "d"], 10).await;
     let relay = Relay::new(
         store.clone(),
         transport.transport(),
-        config().owner("dropped"),
+        config().batch_size(4).owner("dropped"),
     )
     .spawn();
-    wait_until_delivered(&store, Duration::from_secs(30))
-        .await
-        .unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
     drop(relay);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    fill(&store, &["b"], 3).await;
-    // Ten poll intervals: a relay still running would have published key b.
+    // Ten poll intervals: the batch in hand is done, and a relay still
+    // running would have published more.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let published: HashSet<String> = transport.labels().into_iter().collect();
+    assert!(
+        !published.is_empty() && published.len() < 40,
+        "stopped mid-run: {}",
+        published.len()
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         transport.labels().len(),
-        3,
+        published.len(),
         "nothing published after the drop"
     );
-    let claimed = store
+    let remaining = store
         .claim(&saga_core::store::ClaimRequest {
             owner: "next".into(),
             limit: 100,
@@ -518,8 +526,11 @@ async fn a_dropped_relay_stops_publishing_and_holds_nothing() {
         })
         .await
         .unwrap();
-    let claimed: Vec<String> = claimed.iter().map(|r| label(&r.entry.message)).collect();
-    assert_eq!(claimed, ["b:0", "b:1", "b:2"], "key b is free to claim");
+    assert_eq!(
+        remaining.len(),
+        40 - published.len(),
+        "every remaining message is claimable at once: none left leased"
+    );
 }
 
 #[tokio::test(start_paused = true)]

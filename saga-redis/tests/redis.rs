@@ -371,3 +371,16 @@ async fn passwords_never_show_in_errors_or_debug() {
         .to_string();
     assert!(!error.contains(secret), "{error}");
 }
+
+/// Dropping a component's Worker ends its tasks, its subscription's included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_workers_end() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    saga_core::testing::worker::engine_workers_end_when_dropped(
+        saga_core::memory::MemoryStore::new(),
+        std::sync::Arc::new(transport),
+    )
+    .await;
+}

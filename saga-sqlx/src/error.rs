@@ -55,16 +55,18 @@ pub(crate) fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
 /// sqlx::query("UPDATE wallets SET balance = balance - 5 WHERE id = 'alice'")
 ///     .execute(store.pool())
 ///     .await
-///     .context("debiting alice")?;
+///     .db_context("debiting alice")?;
 /// # Ok(()) }
 /// ```
 pub trait SqlxResultExt<T> {
-    /// The error, if any, as a [`saga_core::Error`] saying what was being done.
-    fn context(self, what: impl Into<String>) -> saga_core::Result<T>;
+    /// The error, if any, as a [`saga_core::Error`] saying what was being
+    /// done. (Not `context`: that name is `anyhow::Context`'s, which also
+    /// applies to sqlx's errors, and both in scope would be ambiguous.)
+    fn db_context(self, what: impl Into<String>) -> saga_core::Result<T>;
 }
 
 impl<T> SqlxResultExt<T> for Result<T, sqlx::Error> {
-    fn context(self, what: impl Into<String>) -> saga_core::Result<T> {
+    fn db_context(self, what: impl Into<String>) -> saga_core::Result<T> {
         self.map_err(|error| {
             let retryable = is_retryable(&error);
             Error::backend(what, retryable, error)

@@ -26,8 +26,13 @@
 //! [`Transactional::begin`](saga_core::Transactional::begin) is a
 //! `sqlx::Transaction`: write your business rows on it with `&mut *tx`
 //! (`&mut **ctx.tx` inside a saga step), and they commit with the saga
-//! state and the outgoing messages. [`SqlxResultExt::context`] turns sqlx's
-//! errors into saga-core's, retryable where the stores' would be.
+//! state and the outgoing messages. [`SqlxResultExt::db_context`] turns
+//! sqlx's errors into saga-core's, retryable where the stores' would be.
+//!
+//! The re-export serves functions and types (`sqlx::query`, `sqlx::Row`,
+//! ...). sqlx's macros (`query!`, `query_as!`, `#[derive(sqlx::FromRow)]`)
+//! expand to paths that start at a crate named `sqlx`: to use them, add
+//! `sqlx = "0.8"` to your own dependencies (the same major version).
 //!
 //! ```no_run
 //! use saga_sqlx::{SqliteStore, SqlxResultExt, sqlx};
@@ -38,13 +43,13 @@
 //! sqlx::query("CREATE TABLE IF NOT EXISTS orders (id TEXT PRIMARY KEY, status TEXT NOT NULL)")
 //!     .execute(store.pool())
 //!     .await
-//!     .context("creating the orders table")?;
+//!     .db_context("creating the orders table")?;
 //! let mut tx = store.begin().await?;
 //! sqlx::query("INSERT INTO orders (id, status) VALUES (?, 'PENDING')")
 //!     .bind("o-1")
 //!     .execute(&mut *tx)
 //!     .await
-//!     .context("inserting the order")?;
+//!     .db_context("inserting the order")?;
 //! // ... start a saga or enqueue messages on the same `tx` ...
 //! store.commit(tx).await?;
 //! # Ok(()) }

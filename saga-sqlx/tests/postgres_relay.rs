@@ -85,10 +85,13 @@ impl Transport for TableBroker {
         ))
     }
 
+    /// The table is the only channel: deleting forgets what it recorded.
     async fn delete_channels(&self, _: &[String], _: &[String]) -> Result<()> {
-        Err(Error::Config(
-            "the table broker keeps what it recorded".into(),
-        ))
+        sqlx::query(&format!("DELETE FROM {}", self.table))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        Ok(())
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -83,3 +83,54 @@ mod relay {
         super::relay_cases::dropped_workers_end(store).await;
     }
 }
+
+/// The application's own sqlx migrations and the store's share the file, in
+/// either order, and each runs again without complaint: both sides leave
+/// the other's versions in `_sqlx_migrations` alone.
+#[tokio::test]
+async fn the_applications_migrations_share_the_file() {
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+    let dir = std::env::temp_dir().join(unique("saga-app-migrations"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("20200101000000_orders.sql"),
+        "CREATE TABLE orders (id TEXT PRIMARY KEY, status TEXT NOT NULL);",
+    )
+    .unwrap();
+    let mut app = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+    app.set_ignore_missing(true);
+    for store_first in [true, false] {
+        let path = std::env::temp_dir().join(format!("{}.db", unique("saga-shared")));
+        let pool = SqlitePool::connect_with(
+            SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true),
+        )
+        .await
+        .unwrap();
+        let store = SqliteStore::new(pool.clone());
+        for _ in 0..2 {
+            if store_first {
+                store.migrate().await.expect("the store's migrations");
+                app.run(&pool).await.expect("the application's migrations");
+            } else {
+                app.run(&pool).await.expect("the application's migrations");
+                store.migrate().await.expect("the store's migrations");
+            }
+        }
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('orders', 'saga_outbox') ORDER BY name",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            tables,
+            ["orders", "saga_outbox"],
+            "store first: {store_first}"
+        );
+        pool.close().await;
+        let _ = std::fs::remove_file(&path);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

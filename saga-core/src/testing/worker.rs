@@ -6,7 +6,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::memory::MemoryTransport;
 use crate::saga::{OrchestratorConfig, SagaDefinition};
 use crate::{EventConsumer, Orchestrator, Participant, Result, Store, Transport, Worker};
 
@@ -24,7 +23,7 @@ where
     Fut: Future<Output = Result<Worker>>,
 {
     let metrics = tokio::runtime::Handle::current().metrics();
-    let before = metrics.num_alive_tasks();
+    let before = settled_task_count().await;
     let worker = start()
         .await
         .unwrap_or_else(|e| panic!("starting the {component}: {e}"));
@@ -51,15 +50,51 @@ where
     }
 }
 
+/// The runtime's count of live tasks once it stopped changing: a database
+/// pool spawns short tasks (returning a connection), which must not count.
+async fn settled_task_count() -> usize {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let mut last = metrics.num_alive_tasks();
+    let mut same = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = metrics.num_alive_tasks();
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+        if same == 5 {
+            break;
+        }
+    }
+    last
+}
+
 /// A saga data type for the checks.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Nothing;
 
-/// [`ends_when_dropped`] for each engine component on `store`: an
-/// orchestrator (reply consumer and due-saga poller), a participant and an
-/// event consumer, over the in-memory transport.
-pub async fn engine_workers_end_when_dropped<S: Store + Clone>(store: S) {
-    let transport: Arc<dyn Transport> = Arc::new(MemoryTransport::default());
+/// [`ends_when_dropped`] for each engine component on `store` and
+/// `transport`: an orchestrator (reply consumer and due-saga poller), a
+/// participant and an event consumer. With a broker transport, the tasks of
+/// each component's subscription must end too.
+///
+/// A client library may start a task once for the process at its first
+/// connection and keep it (lapin does): one subscription is opened and
+/// dropped first, so that such a task runs before the count is taken.
+pub async fn engine_workers_end_when_dropped<S: Store + Clone>(
+    store: S,
+    transport: Arc<dyn Transport>,
+) {
+    let (channel, group) = (super::unique("warm-up"), super::unique("warm-up"));
+    let warm_up = transport
+        .subscribe(&group, std::slice::from_ref(&channel))
+        .await
+        .expect("a first subscription");
+    drop(warm_up);
+    transport
+        .delete_channels(&[channel], &[group])
+        .await
+        .expect("deleting the warm-up channel");
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let orchestrator = Orchestrator::builder(
         store.clone(),
         Arc::clone(&transport),

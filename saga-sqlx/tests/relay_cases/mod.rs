@@ -151,7 +151,7 @@ pub async fn dropped_workers_end<S: saga_core::Store + Clone>(store: S) {
     use saga_core::testing::worker::{ends_when_dropped, engine_workers_end_when_dropped};
     use saga_outbox::{Retention, RetentionPolicy};
     let transport = Arc::new(MemoryTransport::default());
-    let relay = Relay::new(store.clone(), transport, config("dropped"));
+    let relay = Relay::new(store.clone(), transport.clone(), config("dropped"));
     ends_when_dropped("relay", async || Ok(relay.spawn())).await;
     let policy = RetentionPolicy {
         interval: Duration::from_millis(20),
@@ -159,5 +159,5 @@ pub async fn dropped_workers_end<S: saga_core::Store + Clone>(store: S) {
     };
     let retention = Retention::new(store.clone(), policy);
     ends_when_dropped("retention", async || Ok(retention.spawn())).await;
-    engine_workers_end_when_dropped(store).await;
+    engine_workers_end_when_dropped(store, transport).await;
 }
