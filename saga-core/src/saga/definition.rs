@@ -88,7 +88,10 @@ where
         data: &mut D,
     ) -> Result<StepOutcome, StepError>;
 
-    /// Reads a successful reply into the saga's data. An error fails the step.
+    /// Reads a successful reply into the saga's data. An error fails the
+    /// step (a retryable one after the step's retries; each retry gets the
+    /// participant's stored reply again). The participant applied the
+    /// action, so the saga compensates this step too, then the earlier ones.
     async fn on_reply(&self, _data: &mut D, _reply: &Message) -> Result<(), StepError> {
         Ok(())
     }

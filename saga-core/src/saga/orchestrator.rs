@@ -472,11 +472,12 @@ impl<S: Store + Clone> Orchestrator<S> {
                 Ok(()) if phase == Phase::Forward => {
                     match definition.on_reply(saga.step, &mut saga.data, reply).await {
                         Ok(()) => succeeded(&mut saga, &*definition, now),
-                        Err(error) => failed(&mut saga, &*definition, &error, false, now),
+                        // The participant applied the step: it is compensated too.
+                        Err(error) => failed(&mut saga, &*definition, &error, Attempt::Applied, now),
                     }
                 }
                 Ok(()) => succeeded(&mut saga, &*definition, now),
-                Err(error) => failed(&mut saga, &*definition, &error, false, now),
+                Err(error) => failed(&mut saga, &*definition, &error, Attempt::Refused, now),
             }
         }
         saga.updated_at = now;
@@ -502,7 +503,7 @@ impl<S: Store + Clone> Orchestrator<S> {
                 "no reply within the deadline of step `{}`",
                 definition.step_name(saga.step)
             ));
-            failed(&mut saga, &*definition, &error, true, now);
+            failed(&mut saga, &*definition, &error, Attempt::TimedOut, now);
         } else {
             let read_version = saga.version;
             match self
@@ -524,7 +525,7 @@ impl<S: Store + Clone> Orchestrator<S> {
                             expected: read_version,
                         });
                     }
-                    failed(&mut saga, &*definition, &error, false, now);
+                    failed(&mut saga, &*definition, &error, Attempt::Refused, now);
                 }
             }
         }
@@ -699,16 +700,29 @@ fn succeeded<Tx: Send + 'static>(
     }
 }
 
+/// How an attempt at a step failed, which says whether its action may have
+/// been applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attempt {
+    /// The step refused (a failure reply, or a local step's error): nothing applied.
+    Refused,
+    /// No reply within the deadline: the participant may have applied it.
+    TimedOut,
+    /// The participant applied it, but its reply could not be read into the
+    /// saga's data ([`SagaStep::on_reply`](crate::SagaStep::on_reply) failed).
+    Applied,
+}
+
 /// The step at the position failed (or timed out): retry it, compensate, or give up.
 fn failed<Tx: Send + 'static>(
     saga: &mut SagaInstance,
     definition: &dyn ErasedDefinition<Tx>,
     error: &StepError,
-    timed_out: bool,
+    attempt: Attempt,
     now: DateTime<Utc>,
 ) {
     let phase = phase_of(saga.state);
-    let status = if timed_out {
+    let status = if attempt == Attempt::TimedOut {
         StepStatus::TimedOut
     } else {
         StepStatus::Failed
@@ -739,9 +753,10 @@ fn failed<Tx: Send + 'static>(
             saga.error = Some(format!("step `{step_name}` failed: {}", error.message));
             saga.state = SagaState::Compensating;
             saga.wake_at = Some(now);
-            // A timed-out command may have been applied: compensate it too (the
+            // A timed-out command may have been applied, and an applied one
+            // whose reply could not be read was: compensate it too (the
             // participant runtime skips the compensation if it never ran).
-            if !timed_out {
+            if attempt == Attempt::Refused {
                 if saga.step == 0 {
                     saga.state = SagaState::Compensated;
                     saga.wake_at = None;

@@ -21,6 +21,7 @@
 //! The generated tests need `tokio` (with `macros` and `rt-multi-thread`) in
 //! the calling crate's dev-dependencies.
 
+pub mod engine;
 pub mod idempotency;
 pub mod outbox;
 pub mod saga_store;
@@ -146,6 +147,34 @@ macro_rules! saga_store_conformance {
                 log_keeps_order_per_correlation,
             ]
         );
+    };
+}
+
+/// Runs the engine suite ([`engine`]) with `setup` (a fresh store) and
+/// `relay` (an [`engine::SpawnRelay`]).
+#[macro_export]
+macro_rules! engine_conformance {
+    ($setup:path, $relay:path) => {
+        $crate::__engine_cases!(
+            $setup,
+            $relay,
+            [a_step_whose_reply_cannot_be_read_is_compensated,]
+        );
+    };
+}
+
+/// Generates one `#[tokio::test]` per engine case.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __engine_cases {
+    ($setup:path, $relay:path, [$($case:ident),+ $(,)?]) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let Some(subject) = $setup().await else { return };
+                $crate::testing::engine::$case(subject, $relay).await;
+            }
+        )+
     };
 }
 
