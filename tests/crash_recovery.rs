@@ -77,14 +77,26 @@ impl OutboxStore for CrashingStore {
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<OutboxRecord>> {
         self.inner.claim(request).await
     }
-    async fn mark_published(&self, seqs: &[i64], now: DateTime<Utc>) -> Result<()> {
-        self.inner.mark_published(seqs, now).await
+    async fn mark_published(&self, owner: &str, seqs: &[i64], now: DateTime<Utc>) -> Result<u64> {
+        self.inner.mark_published(owner, seqs, now).await
     }
-    async fn record_failure(&self, seq: i64, error: &str, retry_at: DateTime<Utc>) -> Result<()> {
-        self.inner.record_failure(seq, error, retry_at).await
+    async fn record_failure(
+        &self,
+        owner: &str,
+        seq: i64,
+        error: &str,
+        retry_at: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.inner.record_failure(owner, seq, error, retry_at).await
     }
-    async fn dead_letter(&self, seq: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
-        self.inner.dead_letter(seq, error, now).await
+    async fn dead_letter(
+        &self,
+        owner: &str,
+        seq: i64,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.inner.dead_letter(owner, seq, error, now).await
     }
     async fn release(&self, owner: &str, seqs: &[i64]) -> Result<u64> {
         self.inner.release(owner, seqs).await

@@ -99,14 +99,33 @@ pub trait OutboxStore: Transactional {
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<OutboxRecord>>;
 
     /// The broker confirmed these records: they are never claimed again.
-    async fn mark_published(&self, seqs: &[i64], now: DateTime<Utc>) -> Result<()>;
+    /// Fenced: only records `owner` still leases are marked (another relay
+    /// took over the others after `owner`'s lease expired, and publishes them
+    /// again). Returns how many were marked.
+    async fn mark_published(&self, owner: &str, seqs: &[i64], now: DateTime<Utc>) -> Result<u64>;
 
     /// Publishing failed: count the attempt, keep the error, release the lease
-    /// and make the record due again at `retry_at`.
-    async fn record_failure(&self, seq: i64, error: &str, retry_at: DateTime<Utc>) -> Result<()>;
+    /// and make the record due again at `retry_at`. Fenced as
+    /// [`mark_published`](Self::mark_published): `false` if `owner` no
+    /// longer leases the record, which is then left as it is.
+    async fn record_failure(
+        &self,
+        owner: &str,
+        seq: i64,
+        error: &str,
+        retry_at: DateTime<Utc>,
+    ) -> Result<bool>;
 
-    /// Moves a record to the dead-letter list with its error.
-    async fn dead_letter(&self, seq: i64, error: &str, now: DateTime<Utc>) -> Result<()>;
+    /// Moves a record to the dead-letter list with its error. Fenced as
+    /// [`mark_published`](Self::mark_published): `false` if `owner` no
+    /// longer leases the record, which is then left as it is.
+    async fn dead_letter(
+        &self,
+        owner: &str,
+        seq: i64,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool>;
 
     /// Releases leases without counting an attempt: the listed records, or
     /// with `seqs` empty every record leased by `owner` (clean shutdown).

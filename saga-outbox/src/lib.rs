@@ -11,7 +11,11 @@
 //! dead-lettered with its error. Several relays can share one store: the
 //! claim's lease keeps them from publishing the same message while all are
 //! alive, and a relay that dies leaves leases that expire, so another relay
-//! publishes its messages (at-least-once; consumers deduplicate).
+//! publishes its messages (at-least-once; consumers deduplicate). A relay
+//! that only stalled past its lease (a long pause, a hung broker call) is
+//! fenced: once another relay took its messages over, the store refuses its
+//! marks, failures and dead letters, so a message is never both published
+//! and dead, and no message of a key overtakes one the new owner holds.
 //!
 //! Each batch runs in a `relay_batch` tracing span; counts and lag go to the
 //! `metrics` facade under the names in [`metrics_names`]. [`Retention`]
@@ -229,7 +233,18 @@ impl<S: OutboxStore> Relay<S> {
             });
         }
         if !published.is_empty() {
-            self.store.mark_published(&published, clock::now()).await?;
+            let marked = self
+                .store
+                .mark_published(&self.config.owner, &published, clock::now())
+                .await?;
+            let lost = published.len() - usize::try_from(marked).unwrap_or(published.len());
+            if lost > 0 {
+                tracing::warn!(
+                    owner = %self.config.owner,
+                    lost,
+                    "published messages whose lease another relay took over; it publishes them again"
+                );
+            }
         }
         report.published = published.len();
         metrics::counter!(metrics_names::PUBLISHED).increment(report.published as u64);
@@ -270,16 +285,26 @@ impl<S: OutboxStore> Relay<S> {
         if error.is_retryable() && self.config.retry.allows_retry_after(attempt) {
             let retry_at = clock::now() + clock::to_chrono(self.config.retry.backoff(attempt));
             tracing::warn!(seq = record.seq, attempt, %error, "publish failed; will retry");
-            self.store
-                .record_failure(record.seq, &message, retry_at)
-                .await?;
-            report.failed += 1;
-        } else {
-            tracing::error!(seq = record.seq, attempt, %error, "publish failed for good; dead-lettering");
-            self.store
-                .dead_letter(record.seq, &message, clock::now())
-                .await?;
+            if self
+                .store
+                .record_failure(&self.config.owner, record.seq, &message, retry_at)
+                .await?
+            {
+                report.failed += 1;
+            }
+        } else if self
+            .store
+            .dead_letter(&self.config.owner, record.seq, &message, clock::now())
+            .await?
+        {
+            tracing::error!(seq = record.seq, attempt, %error, "publish failed for good; dead-lettered");
             report.dead_lettered += 1;
+        } else {
+            tracing::warn!(
+                seq = record.seq,
+                %error,
+                "publish failed for good, but another relay took the message over after this one's lease expired; it decides"
+            );
         }
         Ok(())
     }

@@ -199,25 +199,29 @@ impl SqliteStore {
 
     /// Counts a failed publish of an unpublished record, keeps its error,
     /// releases its lease and sets `column` (`retry_at` or `dead_at`) to `at`.
+    /// Only while `owner` leases the record (fencing); `false` otherwise.
     async fn count_failure(
         &self,
+        owner: &str,
         seq: i64,
         error: &str,
         column: &'static str,
         at: DateTime<Utc>,
         context: &'static str,
-    ) -> Result<()> {
-        sqlx::query(&format!(
+    ) -> Result<bool> {
+        let result = sqlx::query(&format!(
             "UPDATE saga_outbox SET attempts = attempts + 1, last_error = ?2, {column} = ?3, \
-             lease_owner = NULL, lease_until = NULL WHERE seq = ?1 AND published_at IS NULL"
+             lease_owner = NULL, lease_until = NULL \
+             WHERE seq = ?1 AND lease_owner = ?4 AND published_at IS NULL AND dead_at IS NULL"
         ))
         .bind(seq)
         .bind(error)
         .bind(micros(at))
+        .bind(owner)
         .execute(&self.pool)
         .await
         .map_err(db(context))?;
-        Ok(())
+        Ok(result.rows_affected() == 1)
     }
 }
 
@@ -291,21 +295,37 @@ impl OutboxStore for SqliteStore {
         Ok(records)
     }
 
-    async fn mark_published(&self, seqs: &[i64], now: DateTime<Utc>) -> Result<()> {
+    async fn mark_published(&self, owner: &str, seqs: &[i64], now: DateTime<Utc>) -> Result<u64> {
         let mut tx = self.begin().await?;
+        let mut marked = 0;
         for seq in seqs {
-            sqlx::query("UPDATE saga_outbox SET published_at = ?2, lease_owner = NULL, lease_until = NULL WHERE seq = ?1")
-                .bind(seq)
-                .bind(micros(now))
-                .execute(&mut *tx)
-                .await
-                .map_err(db("marking messages published"))?;
+            marked += sqlx::query(
+                "UPDATE saga_outbox SET published_at = ?2, lease_owner = NULL, lease_until = NULL \
+                 WHERE seq = ?1 AND lease_owner = ?3 AND published_at IS NULL AND dead_at IS NULL",
+            )
+            .bind(seq)
+            .bind(micros(now))
+            .bind(owner)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("marking messages published"))?
+            .rows_affected();
         }
-        tx.commit().await.map_err(db("marking messages published"))
+        tx.commit()
+            .await
+            .map_err(db("marking messages published"))?;
+        Ok(marked)
     }
 
-    async fn record_failure(&self, seq: i64, error: &str, retry_at: DateTime<Utc>) -> Result<()> {
+    async fn record_failure(
+        &self,
+        owner: &str,
+        seq: i64,
+        error: &str,
+        retry_at: DateTime<Utc>,
+    ) -> Result<bool> {
         self.count_failure(
+            owner,
             seq,
             error,
             "retry_at",
@@ -315,9 +335,22 @@ impl OutboxStore for SqliteStore {
         .await
     }
 
-    async fn dead_letter(&self, seq: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
-        self.count_failure(seq, error, "dead_at", now, "dead-lettering a message")
-            .await
+    async fn dead_letter(
+        &self,
+        owner: &str,
+        seq: i64,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.count_failure(
+            owner,
+            seq,
+            error,
+            "dead_at",
+            now,
+            "dead-lettering a message",
+        )
+        .await
     }
 
     async fn release(&self, owner: &str, seqs: &[i64]) -> Result<u64> {

@@ -56,6 +56,12 @@ async fn a_relay_aborted_mid_batch_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stalled_past_its_lease_cannot_dead_letter() {
+    let Some(store) = store().await else { return };
+    relay_cases::a_relay_stalled_past_its_lease_cannot_dead_letter(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_workers_end() {
     let Some(store) = store().await else { return };
     relay_cases::dropped_workers_end(store).await;

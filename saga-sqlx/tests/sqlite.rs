@@ -95,6 +95,12 @@ mod relay {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_relay_stalled_past_its_lease_cannot_dead_letter() {
+        let store = super::store().await.unwrap();
+        super::relay_cases::a_relay_stalled_past_its_lease_cannot_dead_letter(store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropped_workers_end() {
         let store = super::store().await.unwrap();
         super::relay_cases::dropped_workers_end(store).await;

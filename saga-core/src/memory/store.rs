@@ -51,6 +51,13 @@ struct OutboxRow {
     published_at: Option<DateTime<Utc>>,
 }
 
+impl OutboxRow {
+    /// Unpublished and leased by `owner` (expired or not: nobody took it over).
+    fn leased_by(&self, owner: &str) -> bool {
+        self.published_at.is_none() && self.lease.as_ref().is_some_and(|(o, _)| o == owner)
+    }
+}
+
 type Undo = Box<dyn FnOnce(&mut State) + Send>;
 
 /// In-memory outbox, idempotency and saga store. Clones share the same data.
@@ -246,38 +253,48 @@ impl OutboxStore for MemoryStore {
         Ok(claimed)
     }
 
-    async fn mark_published(&self, seqs: &[i64], now: DateTime<Utc>) -> Result<()> {
+    async fn mark_published(&self, owner: &str, seqs: &[i64], now: DateTime<Utc>) -> Result<u64> {
         let mut state = self.state.lock().await;
+        let mut marked = 0;
         for seq in seqs {
-            if let Some(row) = state.outbox.get_mut(seq) {
+            if let Some(row) = state.outbox.get_mut(seq).filter(|r| r.leased_by(owner)) {
                 row.published_at = Some(now);
                 row.lease = None;
+                marked += 1;
             }
         }
-        Ok(())
+        Ok(marked)
     }
 
-    async fn record_failure(&self, seq: i64, error: &str, retry_at: DateTime<Utc>) -> Result<()> {
+    async fn record_failure(
+        &self,
+        owner: &str,
+        seq: i64,
+        error: &str,
+        retry_at: DateTime<Utc>,
+    ) -> Result<bool> {
         let mut state = self.state.lock().await;
-        if let Some(row) = state
-            .outbox
-            .get_mut(&seq)
-            .filter(|r| r.published_at.is_none())
-        {
-            row.record.attempts += 1;
-            row.record.last_error = Some(error.to_owned());
-            row.retry_at = retry_at;
-            row.lease = None;
+        let Some(row) = state.outbox.get_mut(&seq).filter(|r| r.leased_by(owner)) else {
+            return Ok(false);
+        };
+        row.record.attempts += 1;
+        row.record.last_error = Some(error.to_owned());
+        row.retry_at = retry_at;
+        row.lease = None;
+        Ok(true)
+    }
+
+    async fn dead_letter(
+        &self,
+        owner: &str,
+        seq: i64,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let mut state = self.state.lock().await;
+        if !state.outbox.get(&seq).is_some_and(|r| r.leased_by(owner)) {
+            return Ok(false);
         }
-        Ok(())
-    }
-
-    async fn dead_letter(&self, seq: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
-        let mut state = self.state.lock().await;
-        if state
-            .outbox
-            .get(&seq)
-            .is_some_and(|r| r.published_at.is_none())
         {
             let row = state.outbox.remove(&seq).expect("checked above");
             let mut record = row.record;
@@ -292,7 +309,7 @@ impl OutboxStore for MemoryStore {
                 },
             );
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn release(&self, owner: &str, seqs: &[i64]) -> Result<u64> {

@@ -47,6 +47,10 @@ pub enum PublishFault {
     Hang,
     /// The publish succeeds after this long, as with a slow broker.
     Delay(Duration),
+    /// The publish fails with this error after this long, as with a broker
+    /// that stalls and then refuses, or a client that gives up on its own
+    /// timeout.
+    FailAfter(Duration, Error),
 }
 
 type PublishRule = Arc<dyn Fn(&str, &Message) -> Option<PublishFault> + Send + Sync>;
@@ -319,6 +323,10 @@ impl Transport for MemoryTransport {
             Some(PublishFault::Fail(error)) => return Err(error),
             Some(PublishFault::Hang) => std::future::pending::<()>().await,
             Some(PublishFault::Delay(wait)) => tokio::time::sleep(wait).await,
+            Some(PublishFault::FailAfter(wait, error)) => {
+                tokio::time::sleep(wait).await;
+                return Err(error);
+            }
             None => {}
         }
         {

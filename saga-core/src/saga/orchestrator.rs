@@ -473,7 +473,9 @@ impl<S: Store + Clone> Orchestrator<S> {
                     match definition.on_reply(saga.step, &mut saga.data, reply).await {
                         Ok(()) => succeeded(&mut saga, &*definition, now),
                         // The participant applied the step: it is compensated too.
-                        Err(error) => failed(&mut saga, &*definition, &error, Attempt::Applied, now),
+                        Err(error) => {
+                            failed(&mut saga, &*definition, &error, Attempt::Applied, now);
+                        }
                     }
                 }
                 Ok(()) => succeeded(&mut saga, &*definition, now),

@@ -115,8 +115,12 @@ impl<S: Store + Clone> Rig<S> {
         let transport: Arc<dyn Transport> = Arc::new(MemoryTransport::default());
         let effects = Effects::default();
         let channel = steps.first().map(|s| s.channel.clone()).unwrap_or_default();
-        let mut participant =
-            Participant::new(unique("stock"), channel, store.clone(), Arc::clone(&transport));
+        let mut participant = Participant::new(
+            unique("stock"),
+            channel,
+            store.clone(),
+            Arc::clone(&transport),
+        );
         let mut definition = SagaDefinition::new("order");
         for step in steps {
             for command in [step.name.to_owned(), format!("{}.undo", step.name)] {
@@ -150,7 +154,12 @@ impl<S: Store + Clone> Rig<S> {
 
     async fn run(&self) -> SagaId {
         self.orchestrator
-            .start_saga("order", &Order { id: unique("order") })
+            .start_saga(
+                "order",
+                &Order {
+                    id: unique("order"),
+                },
+            )
             .await
             .expect("the saga starts")
     }

@@ -102,6 +102,7 @@ macro_rules! outbox_conformance {
                 purge_deletes_only_old_published_records,
                 stats_report_pending_dead_and_oldest,
                 concurrent_claims_never_overlap,
+                writes_of_a_relay_that_lost_its_lease_are_refused,
             ]
         );
     };

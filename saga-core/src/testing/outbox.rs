@@ -106,7 +106,10 @@ pub async fn published_records_are_never_claimed_again<S: OutboxStore>(store: S)
     enqueue(&store, &[entry(None, "a"), entry(None, "b")]).await;
     let now = later(1);
     let claimed = store.claim(&request("r1", 10, now)).await.unwrap();
-    store.mark_published(&[claimed[0].seq], now).await.unwrap();
+    store
+        .mark_published("r1", &[claimed[0].seq], now)
+        .await
+        .unwrap();
     let far = later(3600);
     assert_eq!(
         labels(&store.claim(&request("r2", 10, far)).await.unwrap()),
@@ -141,13 +144,17 @@ pub async fn per_key_order_holds_while_the_head_waits<S: OutboxStore>(store: S) 
     let seq = |label: &str| claimed[got.iter().position(|l| l == label).unwrap()].seq;
     store
         .record_failure(
+            "r1",
             seq("k1-a"),
             "broker down",
             now + chrono::Duration::seconds(60),
         )
         .await
         .unwrap();
-    store.mark_published(&[seq("k2-a")], now).await.unwrap();
+    store
+        .mark_published("r1", &[seq("k2-a")], now)
+        .await
+        .unwrap();
     store.release("r1", &[]).await.unwrap();
     enqueue(&store, &[entry(Some("k2"), "k2-b")]).await;
     let meanwhile = labels(&store.claim(&request("r2", 10, now)).await.unwrap());
@@ -167,7 +174,12 @@ pub async fn failure_counts_attempts_and_delays<S: OutboxStore>(store: S) {
     let now = later(1);
     let claimed = store.claim(&request("r1", 10, now)).await.unwrap();
     store
-        .record_failure(claimed[0].seq, "boom", now + chrono::Duration::seconds(5))
+        .record_failure(
+            "r1",
+            claimed[0].seq,
+            "boom",
+            now + chrono::Duration::seconds(5),
+        )
         .await
         .unwrap();
     assert!(
@@ -198,7 +210,7 @@ pub async fn dead_letters_leave_the_line_and_can_be_requeued<S: OutboxStore>(sto
     let claimed = store.claim(&request("r1", 1, now)).await.unwrap();
     assert_eq!(labels(&claimed), ["poison"]);
     store
-        .dead_letter(claimed[0].seq, "rejected by broker", now)
+        .dead_letter("r1", claimed[0].seq, "rejected by broker", now)
         .await
         .unwrap();
     assert_eq!(
@@ -225,6 +237,72 @@ pub async fn dead_letters_leave_the_line_and_can_be_requeued<S: OutboxStore>(sto
     );
 }
 
+/// A relay whose lease expired and was taken over cannot write over the
+/// relay that took over: its mark, failure and dead letter are refused
+/// (fencing), so a message is never both published and dead, and message
+/// k+1 never overtakes a message k that the new owner still publishes.
+pub async fn writes_of_a_relay_that_lost_its_lease_are_refused<S: OutboxStore>(store: S) {
+    enqueue(
+        &store,
+        &[
+            entry(Some("k"), "k-0"),
+            entry(Some("k"), "k-1"),
+            entry(None, "x"),
+            entry(None, "y"),
+        ],
+    )
+    .await;
+    let now = later(1);
+    let stale = store.claim(&request("stale", 10, now)).await.unwrap();
+    let seq = |label: &str| stale[labels(&stale).iter().position(|l| l == label).unwrap()].seq;
+    let expired = now + to_chrono(LEASE) + chrono::Duration::seconds(1);
+    let taken = store.claim(&request("fresh", 10, expired)).await.unwrap();
+    assert!(
+        labels(&taken).contains(&"k-0".to_owned()),
+        "an expired lease is taken over: {:?}",
+        labels(&taken)
+    );
+    assert!(
+        !store
+            .dead_letter("stale", seq("k-0"), "rejected, too late", expired)
+            .await
+            .unwrap(),
+        "the old owner cannot dead-letter what another relay holds"
+    );
+    assert!(
+        !store
+            .record_failure("stale", seq("x"), "timed out, too late", expired)
+            .await
+            .unwrap(),
+        "nor record a failure on it"
+    );
+    assert_eq!(
+        store
+            .mark_published("stale", &[seq("y")], expired)
+            .await
+            .unwrap(),
+        0,
+        "nor mark it published"
+    );
+    assert!(store.dead_letters(10).await.unwrap().is_empty());
+    assert_eq!(
+        store.claim(&request("third", 10, expired)).await.unwrap(),
+        [],
+        "k-1 waits behind k-0, which the new owner still holds"
+    );
+    assert_eq!(
+        store
+            .mark_published("fresh", &[seq("k-0")], expired)
+            .await
+            .unwrap(),
+        1,
+        "the owner's own writes go through"
+    );
+    store.release("fresh", &[]).await.unwrap();
+    let next = labels(&store.claim(&request("third", 10, expired)).await.unwrap());
+    assert!(next.contains(&"k-1".to_owned()), "{next:?}");
+}
+
 /// Released records are claimable at once, with no attempt counted.
 pub async fn release_returns_records_without_an_attempt<S: OutboxStore>(store: S) {
     enqueue(&store, &[entry(None, "a"), entry(None, "b")]).await;
@@ -246,7 +324,11 @@ pub async fn purge_deletes_only_old_published_records<S: OutboxStore>(store: S) 
     let now = later(1);
     let claimed = store.claim(&request("r1", 2, now)).await.unwrap();
     store
-        .mark_published(&claimed.iter().map(|r| r.seq).collect::<Vec<_>>(), now)
+        .mark_published(
+            "r1",
+            &claimed.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            now,
+        )
         .await
         .unwrap();
     assert_eq!(

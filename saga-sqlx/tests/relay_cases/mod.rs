@@ -144,6 +144,61 @@ pub async fn a_relay_aborted_mid_batch_loses_nothing<S: OutboxStore + Clone>(sto
     survivor.shutdown().await;
 }
 
+/// A relay that stalls past its lease (its broker call hangs, then fails
+/// for good) is fenced. Another relay has taken the message over and is
+/// still publishing it when the stalled relay gives up: the stalled relay's
+/// dead letter is refused, so the message is not both published and dead,
+/// and the key's next message does not go out before it.
+pub async fn a_relay_stalled_past_its_lease_cannot_dead_letter<S: OutboxStore + Clone>(store: S) {
+    fill(&store, 1, 3).await;
+    let transport = MemoryTransport::default();
+    let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = Arc::clone(&attempts);
+    transport.on_publish(move |_, m| {
+        if label(m) != "k0:0" {
+            return None;
+        }
+        match counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            // The stalled relay: refused for good after 1.5 s.
+            0 => Some(PublishFault::FailAfter(
+                Duration::from_millis(1500),
+                Error::InvalidMessage("k0:0 refused after a stall".into()),
+            )),
+            // The relay that took over: confirmed after 1.5 s.
+            1 => Some(PublishFault::Delay(Duration::from_millis(1500))),
+            _ => None,
+        }
+    });
+    let relay = |owner: &str, lease: u64| {
+        Relay::new(
+            store.clone(),
+            Arc::new(transport.clone()),
+            config(owner).lease(Duration::from_millis(lease)),
+        )
+    };
+    let stalled = relay("stalled", 300);
+    let stalled = tokio::spawn(async move { stalled.run_once().await });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let successor = relay("successor", 10_000);
+    let taken = tokio::spawn(async move { successor.run_once().await });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let third = relay("third", 10_000);
+    third.run_once().await.unwrap();
+    let report = stalled.await.unwrap().unwrap();
+    taken.await.unwrap().unwrap();
+    for _ in 0..3 {
+        third.run_once().await.unwrap();
+    }
+    assert_eq!(
+        report.dead_lettered, 0,
+        "the stalled relay's dead letter is refused: {report:?}"
+    );
+    assert!(store.dead_letters(10).await.unwrap().is_empty());
+    let labels: Vec<String> = transport.published(CHANNEL).iter().map(label).collect();
+    assert_complete_and_ordered(&labels, 1, 3);
+    assert_eq!(store.stats().await.unwrap().pending, 0);
+}
+
 /// Dropping the handle of any worker on this store ends its tasks: the
 /// relay, retention, and the engine's components (none keeps polling the
 /// database behind the user's back).
