@@ -98,6 +98,9 @@ impl OutboxStore for CrashingStore {
     ) -> Result<bool> {
         self.inner.dead_letter(owner, seq, error, now).await
     }
+    async fn is_pending(&self, tx: &mut MemoryTx, message_id: saga::MessageId) -> Result<bool> {
+        self.inner.is_pending(tx, message_id).await
+    }
     async fn release(&self, owner: &str, seqs: &[i64]) -> Result<u64> {
         self.inner.release(owner, seqs).await
     }

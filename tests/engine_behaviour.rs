@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use common::{CheckoutData, Plan, SAGA, World};
 use saga::choreography::{self, EventContext};
 use saga::memory::{Faults, MemoryStore, MemoryTransport, MemoryTransportConfig, MemoryTx};
-use saga::outbox::{Relay, wait_until_delivered};
+use saga::outbox::{Relay, RelayConfig, wait_until_delivered};
 use saga::saga::{LogStatus, StepStatus};
 use saga::store::SagaFilter;
 use saga::wire::headers;
@@ -558,4 +558,90 @@ async fn a_choreographed_flow_is_logged_step_by_step_and_each_event_handled_once
     for worker in workers {
         worker.shutdown().await;
     }
+}
+
+/// A remote step that sends to a channel nobody answers on (a lost or
+/// dead-lettered command looks the same to the saga).
+struct Unanswered;
+
+#[async_trait]
+impl SagaStep<CheckoutData, MemoryTx> for Unanswered {
+    fn name(&self) -> &str {
+        "unanswered"
+    }
+    async fn execute(
+        &self,
+        _: &mut StepContext<'_, MemoryTx>,
+        data: &mut CheckoutData,
+    ) -> Result<StepOutcome, StepError> {
+        StepOutcome::send_json("nobody.commands", "do", data)
+    }
+    async fn compensate(
+        &self,
+        _: &mut StepContext<'_, MemoryTx>,
+        data: &mut CheckoutData,
+    ) -> Result<StepOutcome, StepError> {
+        StepOutcome::send_json("nobody.commands", "undo", data)
+    }
+}
+
+/// Under the default settings no saga waits silently: a command nobody
+/// answers times out after `StepConfig::DEFAULT_DEADLINE` per attempt, the
+/// step is compensated, and with the compensation unanswered too the saga
+/// ends FAILED, listed for an operator with its reason, within the bound
+/// the defaults give (3 + 10 attempts of 60 s, plus backoff).
+#[tokio::test(start_paused = true)]
+async fn under_the_defaults_an_unanswered_command_ends_the_saga_visibly() {
+    let store = MemoryStore::new();
+    let transport: Arc<dyn Transport> = Arc::new(MemoryTransport::default());
+    let relay = Relay::new(
+        store.clone(),
+        Arc::clone(&transport),
+        RelayConfig::default(),
+    )
+    .spawn();
+    let orchestrator = Orchestrator::builder(
+        store.clone(),
+        Arc::clone(&transport),
+        OrchestratorConfig::new("orders"),
+    )
+    .saga(SagaDefinition::new("lost").step(Unanswered))
+    .build();
+    let worker = orchestrator.spawn().await.unwrap();
+    let started = tokio::time::Instant::now();
+    let id = orchestrator
+        .start_saga(
+            "lost",
+            &CheckoutData {
+                plan: Plan::default(),
+            },
+        )
+        .await
+        .unwrap();
+    let bound = Duration::from_secs(13 * 60 + 10 * 30);
+    let state = loop {
+        let state = orchestrator.saga(id).await.unwrap().unwrap().instance.state;
+        if state.is_terminal() {
+            break state;
+        }
+        assert!(
+            started.elapsed() < bound,
+            "still {} after {bound:?}",
+            state.as_str()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(state, SagaState::Failed);
+    let failed = orchestrator
+        .list(&SagaFilter {
+            state: Some(SagaState::Failed),
+            ..SagaFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 1);
+    let reason = failed[0].instance.error.clone().unwrap_or_default();
+    assert!(reason.contains("no reply within the deadline"), "{reason}");
+    worker.shutdown().await;
+    relay.shutdown().await;
 }

@@ -295,6 +295,7 @@ fn step_status(phase: saga::Phase, status: saga::StepStatus) -> String {
         S::TimedOut => "timed out",
         S::IgnoredReply => "ignored a late reply",
         S::RetryRequested => "retry requested",
+        S::Postponed => "deadline postponed",
     };
     match phase {
         saga::Phase::Compensation => format!("compensation {status}"),

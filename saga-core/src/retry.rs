@@ -44,6 +44,15 @@ impl RetryPolicy {
         }
     }
 
+    /// Retries for as long as it takes (`max_attempts` is `u32::MAX`), with
+    /// the default backoff: for failures that pass, such as a broker outage.
+    pub fn forever() -> Self {
+        Self {
+            max_attempts: u32::MAX,
+            ..Self::default()
+        }
+    }
+
     /// The default policy with `max_attempts` attempts.
     pub fn attempts(max_attempts: u32) -> Self {
         Self {
@@ -109,6 +118,14 @@ mod tests {
             assert!(wait <= Duration::from_millis(100));
             assert!(wait >= Duration::from_millis(50));
         }
+    }
+
+    #[test]
+    fn forever_always_allows_another_attempt() {
+        let policy = RetryPolicy::forever();
+        assert!(policy.allows_retry_after(1));
+        assert!(policy.allows_retry_after(1_000_000));
+        assert!(policy.backoff(1_000_000) <= policy.max_backoff);
     }
 
     #[test]

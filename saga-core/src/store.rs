@@ -140,6 +140,11 @@ pub trait OutboxStore: Transactional {
     /// Pending and dead counts and the age of the oldest pending record.
     async fn stats(&self) -> Result<OutboxStats>;
 
+    /// Whether the message with this id waits in the outbox, as `tx` sees
+    /// it: not yet published nor dead-lettered. (The orchestrator counts a
+    /// step's deadline from the moment its command left the outbox.)
+    async fn is_pending(&self, tx: &mut Self::Tx, message_id: MessageId) -> Result<bool>;
+
     /// Deletes up to `limit` records published before `before`; returns how many.
     async fn purge_published(&self, before: DateTime<Utc>, limit: usize) -> Result<u64>;
 

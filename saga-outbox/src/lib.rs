@@ -6,9 +6,10 @@
 //! only after the broker confirmed it. Messages of one ordering key go out one
 //! at a time, in order: message k+1 is published only after message k was
 //! confirmed, and when k fails, k+1 waits behind it (other keys keep
-//! flowing). A failed publish is retried with exponential backoff; after the
-//! policy's last attempt, or at once for a permanent error, the message is
-//! dead-lettered with its error. Several relays can share one store: the
+//! flowing). A publish that fails retryably is retried with exponential
+//! backoff, by default for as long as it takes (a broker outage never turns
+//! a message into a dead letter); a permanent error dead-letters the message
+//! at once with its error. Several relays can share one store: the
 //! claim's lease keeps them from publishing the same message while all are
 //! alive, and a relay that dies leaves leases that expire, so another relay
 //! publishes its messages (at-least-once; consumers deduplicate). A relay
@@ -63,7 +64,12 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// How long claimed messages are protected from other relays.
     pub lease: Duration,
-    /// Attempts and backoff of failing publishes.
+    /// Attempts and backoff of publishes that fail retryably (broker
+    /// unreachable, a publish refused for now). The default retries forever,
+    /// backing off up to 30 s: a broker outage never dead-letters a message,
+    /// which waits in the outbox (see the lag gauge) and holds back its key.
+    /// A permanent error (a message the broker can never take) dead-letters
+    /// at once, whatever this says.
     pub retry: RetryPolicy,
     /// How often the lag gauges are refreshed (each refresh counts the pending messages).
     pub lag_interval: Duration,
@@ -71,14 +77,14 @@ pub struct RelayConfig {
 
 impl Default for RelayConfig {
     /// A unique owner, batches of 100, polling every 250 ms, 30 s leases,
-    /// 10 attempts backing off from 100 ms to 30 s.
+    /// retryable failures retried forever, backing off from 100 ms to 30 s.
     fn default() -> Self {
         Self {
             owner: format!("relay-{}", MessageId::new()),
             batch_size: 100,
             poll_interval: Duration::from_millis(250),
             lease: Duration::from_secs(30),
-            retry: RetryPolicy::attempts(10)
+            retry: RetryPolicy::forever()
                 .with_backoff(Duration::from_millis(100), Duration::from_secs(30)),
             lag_interval: Duration::from_secs(5),
         }

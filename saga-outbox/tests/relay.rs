@@ -546,3 +546,42 @@ async fn a_detached_relay_keeps_publishing() {
         .unwrap();
     assert_complete_and_ordered(&transport.labels(), &["a", "b"], 5);
 }
+
+/// Under the default configuration a broker outage never turns a message
+/// into a dead letter: 200 retryable failures in a row (over an hour of
+/// capped backoff), then the message goes out, in order.
+#[tokio::test(start_paused = true)]
+async fn an_outage_never_dead_letters_under_the_defaults() {
+    let store = MemoryStore::new();
+    let transport = Flaky::new();
+    transport.rule("a:0", Rule::Fail(200));
+    fill(&store, &["a"], 3).await;
+    let relay = Relay::new(store.clone(), transport.transport(), RelayConfig::default()).spawn();
+    wait_until_delivered(&store, Duration::from_secs(3 * 3600))
+        .await
+        .unwrap();
+    assert!(
+        store.dead_letters(10).await.unwrap().is_empty(),
+        "nothing dead-lettered"
+    );
+    assert_eq!(transport.labels(), ["a:0", "a:1", "a:2"]);
+    relay.shutdown().await;
+}
+
+/// A permanent error still dead-letters at once under the defaults.
+#[tokio::test(start_paused = true)]
+async fn a_permanent_error_dead_letters_at_once_under_the_defaults() {
+    let store = MemoryStore::new();
+    let transport = Flaky::new();
+    transport.rule("a:0", Rule::Reject);
+    fill(&store, &["a"], 2).await;
+    let relay = Relay::new(store.clone(), transport.transport(), RelayConfig::default()).spawn();
+    wait_until_delivered(&store, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let dead = store.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].record.attempts, 1, "no retry of a permanent error");
+    assert_eq!(transport.labels(), ["a:1"]);
+    relay.shutdown().await;
+}

@@ -425,6 +425,18 @@ impl OutboxStore for PostgresStore {
         Ok(result.rows_affected() == 1)
     }
 
+    async fn is_pending(&self, tx: &mut Self::Tx, message_id: MessageId) -> Result<bool> {
+        let pending: Option<i32> = sqlx::query_scalar(&format!(
+            "SELECT 1 FROM {} WHERE message_id = $1 AND published_at IS NULL AND dead_at IS NULL LIMIT 1",
+            self.t("saga_outbox")
+        ))
+        .bind(message_id.as_uuid())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db("looking for a pending message"))?;
+        Ok(pending.is_some())
+    }
+
     async fn stats(&self) -> Result<OutboxStats> {
         let row = sqlx::query(&format!(
             "SELECT count(*) FILTER (WHERE published_at IS NULL AND dead_at IS NULL) AS pending, \

@@ -403,6 +403,17 @@ impl OutboxStore for SqliteStore {
         Ok(result.rows_affected() == 1)
     }
 
+    async fn is_pending(&self, tx: &mut Self::Tx, message_id: MessageId) -> Result<bool> {
+        let pending: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM saga_outbox WHERE message_id = ?1 AND published_at IS NULL AND dead_at IS NULL LIMIT 1",
+        )
+        .bind(message_id.to_string())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db("looking for a pending message"))?;
+        Ok(pending.is_some())
+    }
+
     async fn stats(&self) -> Result<OutboxStats> {
         let row = sqlx::query(
             "SELECT COALESCE(SUM(published_at IS NULL AND dead_at IS NULL), 0) AS pending, \

@@ -352,6 +352,14 @@ impl OutboxStore for MemoryStore {
         Ok(true)
     }
 
+    async fn is_pending(&self, tx: &mut MemoryTx, message_id: MessageId) -> Result<bool> {
+        Ok(tx
+            .state
+            .outbox
+            .values()
+            .any(|r| r.published_at.is_none() && r.record.entry.message.id == message_id))
+    }
+
     async fn stats(&self) -> Result<OutboxStats> {
         let state = self.state.lock().await;
         let pending = state.outbox.values().filter(|r| r.published_at.is_none());

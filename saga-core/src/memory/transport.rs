@@ -362,6 +362,14 @@ impl Transport for MemoryTransport {
         }))
     }
 
+    /// Fails while an [`outage`](Self::outage) lasts.
+    async fn check(&self) -> Result<()> {
+        if in_outage(&self.shared.lock(), Instant::now()) {
+            return Err(Error::Unavailable("in-memory broker outage".into()));
+        }
+        Ok(())
+    }
+
     /// Forgets the channels' logs and every group's place in them (whatever
     /// `groups` names: the in-memory broker knows them all).
     async fn delete_channels(&self, channels: &[String], _groups: &[String]) -> Result<()> {

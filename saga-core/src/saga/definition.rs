@@ -113,22 +113,37 @@ pub struct StepConfig {
     pub retry: RetryPolicy,
     /// How often a failing compensation is tried before the saga is FAILED.
     pub compensation_retry: RetryPolicy,
-    /// How long a remote step waits for its reply; `None` waits forever.
+    /// How long a remote step (or its compensation) waits for its reply,
+    /// counted from the moment its command left the outbox and while the
+    /// transport answers: when the deadline passes while the command still
+    /// waits in the outbox (its publish retrying) or while
+    /// [`Transport::check`](crate::Transport::check) fails, nobody could
+    /// have answered, and the deadline moves on by its own length instead
+    /// of failing the attempt (the history shows it as
+    /// [`StepStatus::Postponed`](crate::StepStatus::Postponed)). `None`
+    /// waits forever: a lost command or reply then leaves the saga waiting.
     pub deadline: Option<Duration>,
 }
 
 impl Default for StepConfig {
-    /// Actions: 3 attempts; compensations: 10 attempts; no deadline.
+    /// Actions: 3 attempts; compensations: 10 attempts; a 60 s deadline
+    /// ([`StepConfig::DEFAULT_DEADLINE`]). With the transport up, a remote step therefore
+    /// ends within 3 × 60 s plus backoff, and a compensation within
+    /// 10 × 60 s plus backoff, whatever the participant does: a command or
+    /// reply lost or dead-lettered on the way counts as a missing reply.
     fn default() -> Self {
         Self {
             retry: RetryPolicy::attempts(3),
             compensation_retry: RetryPolicy::attempts(10),
-            deadline: None,
+            deadline: Some(Self::DEFAULT_DEADLINE),
         }
     }
 }
 
 impl StepConfig {
+    /// The deadline of [`StepConfig::default`]: 60 s.
+    pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
+
     /// Sets the action's retry policy.
     #[must_use]
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
@@ -147,6 +162,13 @@ impl StepConfig {
     #[must_use]
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
+        self
+    }
+
+    /// Waits for replies forever: no deadline.
+    #[must_use]
+    pub fn no_deadline(mut self) -> Self {
+        self.deadline = None;
         self
     }
 }

@@ -95,6 +95,10 @@ pub enum StepStatus {
     IgnoredReply,
     /// An operator asked to retry a FAILED saga.
     RetryRequested,
+    /// The deadline passed while the transport was unreachable: it moved on
+    /// instead of failing the attempt. Consecutive postponements of one
+    /// attempt share one history line, updated.
+    Postponed,
 }
 
 /// One line of a saga's history.

@@ -14,7 +14,7 @@ use crate::ids::{MessageId, SagaId};
 use crate::message::Message;
 use crate::reply;
 use crate::saga::definition::{
-    ErasedDefinition, SagaData, SagaDefinition, StepContext, StepOutcome,
+    ErasedDefinition, SagaData, SagaDefinition, StepConfig, StepContext, StepOutcome,
 };
 use crate::saga::instance::{Phase, SagaInstance, SagaState, StepEvent, StepStatus};
 use crate::store::{Inbox, SagaFilter, Store, open_inbox};
@@ -128,6 +128,7 @@ impl<S: Store + Clone> OrchestratorBuilder<S> {
                 config: self.config,
                 owner,
                 definitions: self.definitions,
+                reachable: tokio::sync::Mutex::default(),
             }),
         }
     }
@@ -172,6 +173,8 @@ struct Inner<S: Store> {
     config: OrchestratorConfig,
     owner: String,
     definitions: HashMap<String, Arc<dyn ErasedDefinition<S::Tx>>>,
+    /// The last answer of the transport's health check, and when it came.
+    reachable: tokio::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
 }
 
 /// Why running a step's code did not produce a transition.
@@ -441,23 +444,29 @@ impl<S: Store + Clone> Orchestrator<S> {
             return Ok(false);
         };
         let definition = self.definition(&saga.saga_type)?;
-        if saga.state.is_terminal() || saga.awaiting != Some(command_id) {
+        let phase = reply.header(headers::SAGA_PHASE).and_then(Phase::parse);
+        let index = reply
+            .header(headers::SAGA_STEP)
+            .and_then(|s| s.parse::<u32>().ok());
+        let awaited = saga.awaiting == Some(command_id);
+        // The participant answers every attempt of a step alike, so a success
+        // to an earlier attempt of the step the saga is on counts too (it came
+        // late: a broker outage, a backlog), whether the saga waits for a
+        // later attempt's reply or for its retry time.
+        let earlier_success = outcome.is_ok()
+            && !saga.state.is_terminal()
+            && index == Some(saga.step)
+            && phase == Some(phase_of(saga.state));
+        if saga.state.is_terminal() || !(awaited || earlier_success) {
             let note = format!(
                 "reply {} to command {command_id} came when the saga no longer waited for it",
                 reply.id
             );
-            let phase = reply
-                .header(headers::SAGA_PHASE)
-                .and_then(Phase::parse)
-                .unwrap_or(Phase::Forward);
-            let index = reply
-                .header(headers::SAGA_STEP)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(saga.step);
+            let index = index.unwrap_or(saga.step);
             saga.history.push(StepEvent {
                 step: definition.step_name(index).to_owned(),
                 index,
-                phase,
+                phase: phase.unwrap_or(Phase::Forward),
                 status: StepStatus::IgnoredReply,
                 attempt: reply
                     .header(headers::SAGA_ATTEMPT)
@@ -500,12 +509,22 @@ impl<S: Store + Clone> Orchestrator<S> {
             return Ok(false);
         }
         let definition = self.definition(&saga.saga_type)?;
-        if saga.awaiting.is_some() {
-            let error = StepError::retryable(format!(
-                "no reply within the deadline of step `{}`",
-                definition.step_name(saga.step)
-            ));
-            failed(&mut saga, &*definition, &error, Attempt::TimedOut, now);
+        if let Some(command) = saga.awaiting {
+            // Nobody could have answered a command that has not left the
+            // outbox, nor while the transport is down: the deadline moves on.
+            if store.is_pending(&mut tx, command).await? {
+                let why = "the command has not left the outbox yet (its publish is retrying)";
+                postponed(&mut saga, &*definition, why, now);
+            } else if let Err(unreachable) = self.transport_reachable().await {
+                let why = format!("the transport is unreachable ({unreachable})");
+                postponed(&mut saga, &*definition, &why, now);
+            } else {
+                let error = StepError::retryable(format!(
+                    "no reply within the deadline of step `{}`",
+                    definition.step_name(saga.step)
+                ));
+                failed(&mut saga, &*definition, &error, Attempt::TimedOut, now);
+            }
         } else {
             let read_version = saga.version;
             match self
@@ -581,6 +600,29 @@ impl<S: Store + Clone> Orchestrator<S> {
             }
         }
         Ok(())
+    }
+
+    /// Whether the transport answers now ([`Transport::check`]), asked at
+    /// most once per poll interval; the error says why not.
+    async fn transport_reachable(&self) -> Result<(), String> {
+        let ttl = self
+            .inner
+            .config
+            .poll_interval
+            .max(Duration::from_millis(100));
+        if let Some((at, answer)) = self.inner.reachable.lock().await.as_ref()
+            && at.elapsed() < ttl
+        {
+            return answer.clone();
+        }
+        let answer = self
+            .inner
+            .transport
+            .check()
+            .await
+            .map_err(|e| e.to_string());
+        *self.inner.reachable.lock().await = Some((tokio::time::Instant::now(), answer.clone()));
+        answer
     }
 
     fn address_command(&self, saga: &SagaInstance, phase: Phase, message: &mut Message) {
@@ -700,6 +742,44 @@ fn succeeded<Tx: Send + 'static>(
         }
         Phase::Compensation => saga.step -= 1,
     }
+}
+
+/// The deadline passed while nobody could have answered: it moves on by
+/// its own length, and the history says why (one line per attempt, updated).
+fn postponed<Tx: Send + 'static>(
+    saga: &mut SagaInstance,
+    definition: &dyn ErasedDefinition<Tx>,
+    why: &str,
+    now: DateTime<Utc>,
+) {
+    let deadline = definition
+        .config(saga.step)
+        .deadline
+        .unwrap_or(StepConfig::DEFAULT_DEADLINE);
+    saga.wake_at = Some(now + clock::to_chrono(deadline));
+    let note = format!(
+        "{why}; the deadline moved to {}",
+        saga.wake_at.unwrap_or(now).to_rfc3339()
+    );
+    let phase = phase_of(saga.state);
+    if let Some(last) = saga.history.last_mut()
+        && last.status == StepStatus::Postponed
+        && last.index == saga.step
+        && last.attempt == saga.attempt
+        && last.phase == phase
+    {
+        last.at = now;
+        last.error = Some(note);
+        return;
+    }
+    record(
+        saga,
+        definition,
+        phase,
+        StepStatus::Postponed,
+        Some(note),
+        now,
+    );
 }
 
 /// How an attempt at a step failed, which says whether its action may have

@@ -14,10 +14,12 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::memory::MemoryTransport;
-use crate::saga::{OrchestratorConfig, SagaDefinition, SagaState, StepContext, StepOutcome};
+use crate::saga::{
+    OrchestratorConfig, SagaDefinition, SagaState, StepConfig, StepContext, StepOutcome,
+};
 use crate::{
-    CommandHandler, Message, Orchestrator, Participant, Reply, SagaId, SagaStep, StepError, Store,
-    Transport, Worker,
+    CommandHandler, Message, Orchestrator, Participant, Reply, RetryPolicy, SagaId, SagaStep,
+    StepError, Store, Transport, Worker,
 };
 
 use super::{PATIENCE, unique};
@@ -50,6 +52,8 @@ struct Remote {
     channel: String,
     /// Its `on_reply` fails, as after a reply schema changed in a deploy.
     unreadable_reply: bool,
+    /// Its policies.
+    config: StepConfig,
 }
 
 #[async_trait]
@@ -110,9 +114,19 @@ struct Rig<S: Store + Clone> {
 }
 
 impl<S: Store + Clone> Rig<S> {
-    /// Starts everything; `steps` get the participant's channel.
+    /// Starts everything over an in-memory transport; `steps` get the
+    /// participant's channel.
     async fn start(store: S, relay: SpawnRelay<S>, steps: Vec<Remote>) -> Self {
-        let transport: Arc<dyn Transport> = Arc::new(MemoryTransport::default());
+        Self::start_on(store, relay, Arc::new(MemoryTransport::default()), steps).await
+    }
+
+    /// Starts everything over `transport`.
+    async fn start_on(
+        store: S,
+        relay: SpawnRelay<S>,
+        transport: Arc<dyn Transport>,
+        steps: Vec<Remote>,
+    ) -> Self {
         let effects = Effects::default();
         let channel = steps.first().map(|s| s.channel.clone()).unwrap_or_default();
         let mut participant = Participant::new(
@@ -131,7 +145,8 @@ impl<S: Store + Clone> Rig<S> {
                     },
                 );
             }
-            definition = definition.step(step);
+            let config = step.config.clone();
+            definition = definition.step_with(step, config);
         }
         let orchestrator = Orchestrator::builder(
             store.clone(),
@@ -194,6 +209,76 @@ fn remote(name: &'static str, channel: &str) -> Remote {
         name,
         channel: channel.to_owned(),
         unreadable_reply: false,
+        config: StepConfig::default(),
+    }
+}
+
+/// A deadline short enough for a test, three attempts, quick retries.
+fn hurried() -> StepConfig {
+    StepConfig::default()
+        .deadline(Duration::from_millis(300))
+        .retry(
+            RetryPolicy::attempts(3)
+                .with_backoff(Duration::from_millis(10), Duration::from_millis(10)),
+        )
+}
+
+/// What [`Late`] does to a reply.
+#[derive(Clone, Copy, Debug)]
+enum Fate {
+    Deliver,
+    Delay(Duration),
+    Lose,
+}
+
+/// The in-memory broker, delaying or losing replies as `fate` says (by the
+/// attempt they answer), as a congested or partly broken broker would.
+struct Late {
+    inner: MemoryTransport,
+    fate: fn(u32) -> Fate,
+}
+
+#[async_trait]
+impl Transport for Late {
+    async fn publish(&self, channel: &str, message: &Message) -> crate::Result<()> {
+        let attempt = message
+            .header(crate::wire::headers::SAGA_ATTEMPT)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0);
+        let is_reply = message.header(crate::wire::headers::SAGA_OUTCOME).is_some();
+        match if is_reply {
+            (self.fate)(attempt)
+        } else {
+            Fate::Deliver
+        } {
+            Fate::Deliver => self.inner.publish(channel, message).await,
+            Fate::Lose => Ok(()),
+            Fate::Delay(wait) => {
+                let (inner, channel, message) =
+                    (self.inner.clone(), channel.to_owned(), message.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let _ = inner.publish(&channel, &message).await;
+                });
+                Ok(())
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        group: &str,
+        channels: &[String],
+    ) -> crate::Result<Box<dyn crate::Subscription>> {
+        self.inner.subscribe(group, channels).await
+    }
+
+    async fn delete_channels(&self, channels: &[String], groups: &[String]) -> crate::Result<()> {
+        self.inner.delete_channels(channels, groups).await
+    }
+
+    fn capabilities(&self) -> crate::Capabilities {
+        self.inner.capabilities()
     }
 }
 
@@ -222,6 +307,84 @@ pub async fn a_step_whose_reply_cannot_be_read_is_compensated<S: Store + Clone>(
         rig.effects.log(),
         ["reserve", "charge", "charge.undo", "reserve.undo"],
         "the applied charge is undone, then the reservation"
+    );
+    rig.stop().await;
+}
+
+/// A success to an earlier attempt of the step the saga waits on counts: the
+/// participant answers every attempt alike. Here the first reply is late
+/// (after two deadlines) and the later ones are lost: the saga completes on
+/// the first, instead of compensating after its last attempt.
+pub async fn a_late_success_of_an_earlier_attempt_completes_the_step<S: Store + Clone>(
+    store: S,
+    relay: SpawnRelay<S>,
+) {
+    let channel = unique("stock.commands");
+    let late = Late {
+        inner: MemoryTransport::default(),
+        fate: |attempt| match attempt {
+            1 => Fate::Delay(Duration::from_millis(700)),
+            _ => Fate::Lose,
+        },
+    };
+    let rig = Rig::start_on(
+        store,
+        relay,
+        Arc::new(late),
+        vec![Remote {
+            config: hurried(),
+            ..remote("reserve", &channel)
+        }],
+    )
+    .await;
+    let id = rig.run().await;
+    assert_eq!(rig.ended(id).await, SagaState::Completed);
+    assert_eq!(rig.effects.log(), ["reserve"], "applied once, never undone");
+    rig.stop().await;
+}
+
+/// While the transport is unreachable, deadlines do not use up attempts:
+/// they move on, and the history says why. After an outage of five
+/// deadlines, the saga completes as it would have without it.
+pub async fn deadlines_wait_while_the_transport_is_unreachable<S: Store + Clone>(
+    store: S,
+    relay: SpawnRelay<S>,
+) {
+    let channel = unique("stock.commands");
+    let broker = MemoryTransport::default();
+    broker.outage(Duration::from_millis(1500));
+    let rig = Rig::start_on(
+        store,
+        relay,
+        Arc::new(broker),
+        vec![Remote {
+            config: hurried(),
+            ..remote("reserve", &channel)
+        }],
+    )
+    .await;
+    let id = rig.run().await;
+    assert_eq!(rig.ended(id).await, SagaState::Completed);
+    assert_eq!(rig.effects.log(), ["reserve"]);
+    let history = rig
+        .orchestrator
+        .saga(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .instance
+        .history;
+    assert!(
+        history
+            .iter()
+            .any(|e| e.status == crate::StepStatus::Postponed),
+        "the history shows the postponed deadline: {history:#?}"
+    );
+    assert!(
+        !history
+            .iter()
+            .any(|e| e.status == crate::StepStatus::TimedOut),
+        "no attempt timed out during the outage: {history:#?}"
     );
     rig.stop().await;
 }

@@ -103,6 +103,7 @@ macro_rules! outbox_conformance {
                 stats_report_pending_dead_and_oldest,
                 concurrent_claims_never_overlap,
                 writes_of_a_relay_that_lost_its_lease_are_refused,
+                pending_messages_are_found_by_id,
             ]
         );
     };
@@ -159,7 +160,11 @@ macro_rules! engine_conformance {
         $crate::__engine_cases!(
             $setup,
             $relay,
-            [a_step_whose_reply_cannot_be_read_is_compensated,]
+            [
+                a_step_whose_reply_cannot_be_read_is_compensated,
+                a_late_success_of_an_earlier_attempt_completes_the_step,
+                deadlines_wait_while_the_transport_is_unreachable,
+            ]
         );
     };
 }

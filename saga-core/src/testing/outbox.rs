@@ -303,6 +303,36 @@ pub async fn writes_of_a_relay_that_lost_its_lease_are_refused<S: OutboxStore>(s
     assert!(next.contains(&"k-1".to_owned()), "{next:?}");
 }
 
+/// A message is pending from its commit until it is published or
+/// dead-lettered, as a transaction sees it.
+pub async fn pending_messages_are_found_by_id<S: OutboxStore>(store: S) {
+    let (a, b, c) = (entry(None, "a"), entry(None, "b"), entry(None, "c"));
+    enqueue(&store, &[a.clone(), b.clone(), c.clone()]).await;
+    let pending = async |id| {
+        let mut tx = store.begin().await.unwrap();
+        let pending = store.is_pending(&mut tx, id).await.unwrap();
+        drop(tx);
+        pending
+    };
+    assert!(pending(a.message.id).await);
+    assert!(
+        !pending(crate::MessageId::new()).await,
+        "an unknown id is not pending"
+    );
+    let now = later(1);
+    let claimed = store.claim(&request("r1", 10, now)).await.unwrap();
+    let seq = |label: &str| claimed[labels(&claimed).iter().position(|l| l == label).unwrap()].seq;
+    assert!(pending(a.message.id).await, "claimed is still pending");
+    store.mark_published("r1", &[seq("a")], now).await.unwrap();
+    store
+        .dead_letter("r1", seq("b"), "refused", now)
+        .await
+        .unwrap();
+    assert!(!pending(a.message.id).await, "published");
+    assert!(!pending(b.message.id).await, "dead-lettered");
+    assert!(pending(c.message.id).await);
+}
+
 /// Released records are claimable at once, with no attempt counted.
 pub async fn release_returns_records_without_an_attempt<S: OutboxStore>(store: S) {
     enqueue(&store, &[entry(None, "a"), entry(None, "b")]).await;
