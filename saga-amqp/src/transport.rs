@@ -58,6 +58,12 @@ use crate::error::amqp;
 /// How often a waiting subscription checks that its connection is still open.
 const LIVENESS_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long opening a connection and declaring a subscription's topology may
+/// take. A broker that is still starting can accept the TCP connection and
+/// then not answer; without a bound, a subscription reconnecting at that
+/// moment would wait forever.
+const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The header RabbitMQ's quorum queues set on a redelivered message.
 const DELIVERY_COUNT: &str = "x-delivery-count";
 
@@ -228,7 +234,14 @@ impl AmqpTransport {
             *guard = None;
         }
         if guard.is_none() {
-            let (connection, channel) = open(&self.inner.config).await?;
+            let (connection, channel) =
+                tokio::time::timeout(OPEN_TIMEOUT, open(&self.inner.config))
+                    .await
+                    .map_err(|_| {
+                        Error::Unavailable(format!(
+                            "RabbitMQ did not open a connection within {OPEN_TIMEOUT:?}"
+                        ))
+                    })??;
             *guard = Some(Publisher {
                 connection,
                 channel,
@@ -562,7 +575,14 @@ impl Subscription for AmqpSubscription {
     async fn next(&mut self) -> Result<Delivery> {
         loop {
             if self.link.is_none() {
-                self.link = Some(self.open().await?);
+                let opened = tokio::time::timeout(OPEN_TIMEOUT, self.open())
+                    .await
+                    .map_err(|_| {
+                        Error::Unavailable(format!(
+                            "RabbitMQ did not complete a subscription within {OPEN_TIMEOUT:?}"
+                        ))
+                    })?;
+                self.link = Some(opened?);
             }
             let link = self.link.as_mut().expect("opened above");
             let received = tokio::select! {
@@ -715,10 +735,28 @@ struct Payload {
     data: Vec<u8>,
 }
 
+/// How long settling a delivery may take. lapin can leave an ack pending
+/// forever when the connection drops under it (a broker restart): a
+/// consumer awaiting it would never ask for its next delivery, and its
+/// subscription would never see the connection was gone.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `settling`, bounded by [`SETTLE_TIMEOUT`]: a settlement that does not
+/// complete is retryable, and the broker redelivers the message.
+async fn bounded(what: &str, settling: impl Future<Output = Result<()>>) -> Result<()> {
+    tokio::time::timeout(SETTLE_TIMEOUT, settling)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Unavailable(format!(
+                "{what} did not complete within {SETTLE_TIMEOUT:?}; the broker will deliver the message again"
+            )))
+        })
+}
+
 #[async_trait]
 impl Acknowledger for Payload {
     async fn ack(self: Box<Self>) -> Result<()> {
-        self.settle.ack().await
+        bounded("basic.ack", self.settle.ack()).await
     }
 
     async fn nack(self: Box<Self>, error: &str) -> Result<()> {
@@ -726,19 +764,22 @@ impl Acknowledger for Payload {
             return self.dead_letter(error).await;
         }
         let mut settle = self.settle;
-        settle
-            .acker()
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await
-            .map_err(amqp("basic.nack"))?;
-        Ok(())
+        let acker = settle.acker();
+        bounded("basic.nack", async move {
+            acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+                .map(drop)
+                .map_err(amqp("basic.nack"))
+        })
+        .await
     }
 
     async fn dead_letter(self: Box<Self>, error: &str) -> Result<()> {
         let Self { settle, data } = *self;
-        settle.dead_letter_raw(&data, error).await
+        bounded("dead-lettering", settle.dead_letter_raw(&data, error)).await
     }
 }

@@ -431,8 +431,12 @@ where
     let channel = unique("events");
     let mut sub = subscribe(&transport, &unique("group"), &channel).await;
     let seen: Arc<Mutex<HashSet<String>>> = Arc::default();
+    // What the consumer went through, for the failure message: its errors
+    // and when it last received, relative to the restart.
+    let story: Arc<Mutex<Vec<String>>> = Arc::default();
+    let started = tokio::time::Instant::now();
     let consumer = {
-        let seen = Arc::clone(&seen);
+        let (seen, story) = (Arc::clone(&seen), Arc::clone(&story));
         tokio::spawn(async move {
             loop {
                 match sub.next().await {
@@ -444,7 +448,11 @@ where
                         // Slow enough that the restart finds work in flight.
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(error) => {
+                        let at = started.elapsed().as_secs_f64();
+                        story.lock().unwrap().push(format!("{at:.2} s: {error}"));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
             }
         })
@@ -468,7 +476,9 @@ where
         publish(i).await;
     }
     let before = seen.lock().unwrap().len();
+    let restarting = started.elapsed().as_secs_f64();
     restart().await;
+    let restarted = started.elapsed().as_secs_f64();
     for i in EACH_SIDE..2 * EACH_SIDE {
         publish(i).await;
     }
@@ -486,5 +496,10 @@ where
         before < EACH_SIDE,
         "the restart came after everything was consumed: nothing was in flight"
     );
-    assert!(missing.is_empty(), "never consumed: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "never consumed: {missing:?}\nthe restart ran from {restarting:.2} s to {restarted:.2} s; \
+         the consumer's errors: {:#?}",
+        story.lock().unwrap()
+    );
 }
