@@ -201,6 +201,12 @@ impl SagaStore for CrashingStore {
     async fn log(&self, correlation_id: &str) -> Result<Vec<SagaLogEntry>> {
         self.inner.log(correlation_id).await
     }
+    async fn purge_finished(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        self.inner.purge_finished(before, limit).await
+    }
+    async fn purge_log(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        self.inner.purge_log(before, limit).await
+    }
 }
 
 /// Runs one saga with the orchestrator dying at `crash`; returns the

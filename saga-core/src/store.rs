@@ -314,6 +314,16 @@ pub trait SagaStore: Transactional {
 
     /// The log entries of one correlation id, in the order they were written.
     async fn log(&self, correlation_id: &str) -> Result<Vec<SagaLogEntry>>;
+
+    /// Deletes up to `limit` sagas that ended COMPLETED or COMPENSATED
+    /// before `before` (by their last change), oldest first; returns how
+    /// many. Never a saga still running or compensating, nor a FAILED one,
+    /// which waits for an operator.
+    async fn purge_finished(&self, before: DateTime<Utc>, limit: usize) -> Result<u64>;
+
+    /// Deletes up to `limit` choreography log entries written before
+    /// `before`, oldest first; returns how many.
+    async fn purge_log(&self, before: DateTime<Utc>, limit: usize) -> Result<u64>;
 }
 
 /// A transaction with a message recorded as processed, or the reply stored

@@ -20,7 +20,8 @@
 //!
 //! Each batch runs in a `relay_batch` tracing span; counts and lag go to the
 //! `metrics` facade under the names in [`metrics_names`]. [`Retention`]
-//! deletes published messages and expired inbox records in bounded batches.
+//! deletes published messages, expired inbox records, finished sagas and old
+//! choreography log entries in bounded batches.
 //!
 //! ```no_run
 //! use std::sync::Arc;

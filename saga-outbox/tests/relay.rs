@@ -6,7 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use saga_core::memory::{MemoryStore, MemoryTransport, PublishFault};
-use saga_core::{Error, Message, OutboxEntry, OutboxStore, RetryPolicy, Transactional, Transport};
+use saga_core::saga::{LogStatus, SagaInstance, SagaLogEntry};
+use saga_core::{
+    Error, Message, OutboxEntry, OutboxStore, RetryPolicy, SagaId, SagaState, SagaStore,
+    Transactional, Transport,
+};
 use saga_outbox::{Relay, RelayConfig, wait_until_delivered};
 
 const CHANNEL: &str = "events";
@@ -369,6 +373,50 @@ async fn is_fresh(store: &MemoryStore, id: saga_core::MessageId) -> bool {
     begin == saga_core::store::Begin::Fresh
 }
 
+/// A saga in `state`, last changed now.
+async fn saga(store: &MemoryStore, state: SagaState) -> SagaId {
+    let now = saga_core::clock::now();
+    let saga = SagaInstance {
+        id: SagaId::new(),
+        saga_type: "order".into(),
+        state,
+        step: 0,
+        attempt: 1,
+        data: serde_json::Value::Null,
+        awaiting: None,
+        wake_at: None,
+        lease_owner: None,
+        lease_until: None,
+        error: None,
+        correlation_id: "c".into(),
+        history: Vec::new(),
+        version: 0,
+        created_at: now,
+        updated_at: now,
+    };
+    let mut tx = store.begin().await.unwrap();
+    store.create(&mut tx, &saga).await.unwrap();
+    store.commit(tx).await.unwrap();
+    saga.id
+}
+
+/// One choreography log entry of `correlation_id`, written now.
+async fn log(store: &MemoryStore, correlation_id: &str) {
+    let entry = SagaLogEntry {
+        correlation_id: correlation_id.into(),
+        consumer: "stock".into(),
+        message_id: saga_core::MessageId::new(),
+        message_type: "order.placed".into(),
+        status: LogStatus::Handled,
+        emitted: Vec::new(),
+        error: None,
+        at: saga_core::clock::now(),
+    };
+    let mut tx = store.begin().await.unwrap();
+    store.append_log(&mut tx, &entry).await.unwrap();
+    store.commit(tx).await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn retention_deletes_only_what_is_old_in_bounded_batches() {
     use saga_outbox::{Purged, Retention, RetentionPolicy};
@@ -383,7 +431,19 @@ async fn retention_deletes_only_what_is_old_in_bounded_batches() {
     fill(&store, &["old"], 25).await;
     while relay.run_once().await.unwrap().claimed > 0 {}
     let old_ids = processed(&store, 15).await;
+    let old_sagas = [
+        saga(&store, SagaState::Completed).await,
+        saga(&store, SagaState::Compensated).await,
+    ];
+    let kept_sagas = [
+        saga(&store, SagaState::Running).await,
+        saga(&store, SagaState::Compensating).await,
+        saga(&store, SagaState::Failed).await,
+    ];
+    log(&store, "old-flow").await;
     tokio::time::advance(Duration::from_secs(2 * 3600)).await;
+    let young_saga = saga(&store, SagaState::Completed).await;
+    log(&store, "young-flow").await;
     fill(&store, &["young"], 5).await;
     while relay.run_once().await.unwrap().claimed > 0 {}
     let young_ids = processed(&store, 3).await;
@@ -391,6 +451,8 @@ async fn retention_deletes_only_what_is_old_in_bounded_batches() {
     let policy = RetentionPolicy {
         published: Some(Duration::from_secs(3600)),
         processed: Some(Duration::from_secs(3600)),
+        finished_sagas: Some(Duration::from_secs(3600)),
+        saga_log: Some(Duration::from_secs(3600)),
         batch_size: 10,
         interval: Duration::from_secs(60),
     };
@@ -399,9 +461,26 @@ async fn retention_deletes_only_what_is_old_in_bounded_batches() {
         retention.run_once().await.unwrap(),
         Purged {
             published: 25,
-            processed: 15
+            processed: 15,
+            finished_sagas: 2,
+            saga_log: 1,
         }
     );
+    for id in old_sagas {
+        assert_eq!(
+            store.get(id).await.unwrap(),
+            None,
+            "an old finished saga is gone"
+        );
+    }
+    for id in kept_sagas.into_iter().chain([young_saga]) {
+        assert!(
+            store.get(id).await.unwrap().is_some(),
+            "running, compensating, FAILED and young sagas stay"
+        );
+    }
+    assert!(store.log("old-flow").await.unwrap().is_empty());
+    assert_eq!(store.log("young-flow").await.unwrap().len(), 1);
     assert_eq!(retention.run_once().await.unwrap(), Purged::default());
     assert!(
         is_fresh(&store, old_ids[0]).await,

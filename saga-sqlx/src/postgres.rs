@@ -840,6 +840,35 @@ impl SagaStore for PostgresStore {
         Ok(())
     }
 
+    async fn purge_finished(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        let table = self.t("saga_instances");
+        let result = sqlx::query(&format!(
+            "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} \
+             WHERE state IN ('COMPLETED', 'COMPENSATED') AND updated_at < $1 \
+             ORDER BY updated_at LIMIT $2)"
+        ))
+        .bind(before)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(db("purging finished sagas"))?;
+        Ok(result.rows_affected())
+    }
+
+    async fn purge_log(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        let table = self.t("saga_log");
+        let result = sqlx::query(&format!(
+            "DELETE FROM {table} WHERE seq IN (SELECT seq FROM {table} WHERE at < $1 \
+             ORDER BY at LIMIT $2)"
+        ))
+        .bind(before)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(db("purging the saga log"))?;
+        Ok(result.rows_affected())
+    }
+
     async fn log(&self, correlation_id: &str) -> Result<Vec<SagaLogEntry>> {
         let rows = sqlx::query(&format!(
             "SELECT correlation_id, consumer, message_id, message_type, status, emitted, error, at \

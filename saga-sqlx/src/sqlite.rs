@@ -771,6 +771,33 @@ impl SagaStore for SqliteStore {
         Ok(())
     }
 
+    async fn purge_finished(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        let result = sqlx::query(
+            "DELETE FROM saga_instances WHERE id IN (SELECT id FROM saga_instances \
+             WHERE state IN ('COMPLETED', 'COMPENSATED') AND updated_at < ?1 \
+             ORDER BY updated_at LIMIT ?2)",
+        )
+        .bind(micros(before))
+        .bind(self::limit(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(db("purging finished sagas"))?;
+        Ok(result.rows_affected())
+    }
+
+    async fn purge_log(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        let result = sqlx::query(
+            "DELETE FROM saga_log WHERE seq IN (SELECT seq FROM saga_log WHERE at < ?1 \
+             ORDER BY at LIMIT ?2)",
+        )
+        .bind(micros(before))
+        .bind(self::limit(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(db("purging the saga log"))?;
+        Ok(result.rows_affected())
+    }
+
     async fn log(&self, correlation_id: &str) -> Result<Vec<SagaLogEntry>> {
         let rows = sqlx::query(
             "SELECT correlation_id, consumer, message_id, message_type, status, emitted, error, at \

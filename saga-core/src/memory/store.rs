@@ -22,7 +22,7 @@ use crate::clock;
 use crate::error::{Error, Result};
 use crate::ids::{MessageId, SagaId};
 use crate::message::OutboxEntry;
-use crate::saga::{SagaInstance, SagaLogEntry};
+use crate::saga::{SagaInstance, SagaLogEntry, SagaState};
 use crate::store::{
     Begin, ClaimRequest, DeadLetter, IdempotencyStore, OutboxRecord, OutboxStats, OutboxStore,
     SagaFilter, SagaStore, StepClaim, StepMark, Transactional,
@@ -610,5 +610,35 @@ impl SagaStore for MemoryStore {
             .filter(|e| e.correlation_id == correlation_id)
             .cloned()
             .collect())
+    }
+
+    async fn purge_finished(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        let mut state = self.state.lock().await;
+        let mut finished: Vec<(DateTime<Utc>, SagaId)> = state
+            .sagas
+            .values()
+            .filter(|s| {
+                matches!(s.state, SagaState::Completed | SagaState::Compensated)
+                    && s.updated_at < before
+            })
+            .map(|s| (s.updated_at, s.id))
+            .collect();
+        finished.sort();
+        finished.truncate(limit);
+        for (_, id) in &finished {
+            state.sagas.remove(id);
+        }
+        Ok(finished.len() as u64)
+    }
+
+    async fn purge_log(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
+        let mut state = self.state.lock().await;
+        let mut purged = 0;
+        state.log.retain(|entry| {
+            let old = entry.at < before && purged < limit;
+            purged += usize::from(old);
+            !old
+        });
+        Ok(purged as u64)
     }
 }

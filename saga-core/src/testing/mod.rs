@@ -147,6 +147,8 @@ macro_rules! saga_store_conformance {
                 save_clears_the_lease,
                 list_filters_by_state_and_type,
                 log_keeps_order_per_correlation,
+                purge_removes_only_old_finished_sagas,
+                purge_removes_only_old_log_entries,
             ]
         );
     };

@@ -278,3 +278,69 @@ pub async fn log_keeps_order_per_correlation<S: SagaStore>(store: S) {
     drop(tx);
     assert_eq!(store.log(&corr).await.unwrap(), entries);
 }
+
+/// Retention deletes sagas that ended COMPLETED or COMPENSATED before the
+/// cut-off, oldest first and at most `limit`; never a running,
+/// compensating or FAILED saga, nor one that ended after the cut-off.
+pub async fn purge_removes_only_old_finished_sagas<S: SagaStore>(store: S) {
+    let old = now() - chrono::Duration::hours(2);
+    let aged = |state: SagaState, at: DateTime<Utc>| {
+        let mut s = saga("order", state, None);
+        s.created_at = at;
+        s.updated_at = at;
+        s
+    };
+    let oldest = aged(SagaState::Completed, old - chrono::Duration::minutes(5));
+    let older = aged(SagaState::Compensated, old);
+    let kept = [
+        aged(SagaState::Running, old),
+        aged(SagaState::Compensating, old),
+        aged(SagaState::Failed, old),
+        aged(SagaState::Completed, now()),
+    ];
+    for s in [&oldest, &older].into_iter().chain(&kept) {
+        create(&store, s).await;
+    }
+    let cut = now() - chrono::Duration::hours(1);
+    assert_eq!(store.purge_finished(cut, 1).await.unwrap(), 1, "bounded");
+    assert_eq!(store.get(oldest.id).await.unwrap(), None, "oldest first");
+    assert_eq!(store.purge_finished(cut, 10).await.unwrap(), 1);
+    assert_eq!(store.get(older.id).await.unwrap(), None);
+    for s in &kept {
+        assert!(
+            store.get(s.id).await.unwrap().is_some(),
+            "a {} saga is kept",
+            s.state.as_str()
+        );
+    }
+    assert_eq!(store.purge_finished(cut, 10).await.unwrap(), 0);
+}
+
+/// Retention deletes log entries written before the cut-off, at most `limit`.
+pub async fn purge_removes_only_old_log_entries<S: SagaStore>(store: S) {
+    let corr = crate::testing::unique("corr");
+    let entry = |at: DateTime<Utc>| SagaLogEntry {
+        correlation_id: corr.clone(),
+        consumer: "stock".to_owned(),
+        message_id: MessageId::new(),
+        message_type: "order.placed".to_owned(),
+        status: LogStatus::Handled,
+        emitted: Vec::new(),
+        error: None,
+        at,
+    };
+    let old = [
+        entry(now() - chrono::Duration::hours(3)),
+        entry(now() - chrono::Duration::hours(2)),
+    ];
+    let fresh = entry(now());
+    for e in old.iter().chain([&fresh]) {
+        let mut tx = store.begin().await.unwrap();
+        store.append_log(&mut tx, e).await.unwrap();
+        store.commit(tx).await.unwrap();
+    }
+    let cut = now() - chrono::Duration::hours(1);
+    assert_eq!(store.purge_log(cut, 1).await.unwrap(), 1, "bounded");
+    assert_eq!(store.purge_log(cut, 10).await.unwrap(), 1);
+    assert_eq!(store.log(&corr).await.unwrap(), [fresh]);
+}
