@@ -167,6 +167,9 @@ impl IdempotencyStore for CrashingStore {
     async fn purge_expired(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
         self.inner.purge_expired(before, limit).await
     }
+    async fn marks_purged_before(&self, tx: &mut MemoryTx) -> Result<Option<DateTime<Utc>>> {
+        self.inner.marks_purged_before(tx).await
+    }
 }
 
 #[async_trait]

@@ -28,6 +28,13 @@ macro_rules! uuid_id {
             pub const fn as_uuid(&self) -> Uuid {
                 self.0
             }
+
+            /// When the id was made: the time a UUIDv7 carries (`None` for
+            /// another kind of UUID).
+            pub fn created_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+                let (seconds, nanos) = self.0.get_timestamp()?.to_unix();
+                chrono::DateTime::from_timestamp(i64::try_from(seconds).ok()?, nanos)
+            }
         }
 
         impl Default for $name {

@@ -11,7 +11,10 @@
 //! the action was applied or compensated:
 //! - a compensation for an action that never ran here is answered as done
 //!   without calling the handler, and the action, if it arrives later, is
-//!   refused instead of applied;
+//!   refused instead of applied; but when the saga is older than the step
+//!   marks purged since ([`IdempotencyStore::marks_purged_before`]), a
+//!   missing mark may be a purged one, and the handler runs: write
+//!   compensations that undo only what they find;
 //! - a retried command (new id) for an action already applied gets the first
 //!   reply again instead of applying it twice.
 
@@ -39,6 +42,10 @@ pub trait CommandHandler<Tx: Send + 'static>: Send + Sync + 'static {
     /// Applies the command through `tx` and says what to reply. An error rolls
     /// back `tx` and sends a failure reply ([`StepError::retryable`] lets the
     /// orchestrator retry the step).
+    ///
+    /// A compensation handler may be called for an action that never ran
+    /// here (a saga older than the step marks' retention whose action was
+    /// lost on the way): it undoes only what it finds.
     async fn handle(&self, tx: &mut Tx, command: &Message) -> Result<Reply, StepError>;
 }
 
@@ -212,6 +219,14 @@ impl<S: OutboxStore + IdempotencyStore + Clone> Participant<S> {
                             mark.as_str()
                         )))
                     }
+                    // No mark, but the saga is older than the marks purged
+                    // since: the action may have run and its mark be gone.
+                    // Only the handler can tell: it runs.
+                    (Phase::Compensation, StepClaim::Inserted)
+                        if self.mark_may_be_purged(&mut tx, step).await? =>
+                    {
+                        self.run(&mut tx, &*handler, command, Some(step)).await?
+                    }
                     // Compensation of an action that never ran here, or already compensated.
                     (Phase::Compensation, _) => Ok(reply::success(
                         command,
@@ -237,6 +252,18 @@ impl<S: OutboxStore + IdempotencyStore + Clone> Participant<S> {
                 self.finish(tx, command, reply).await
             }
         }
+    }
+
+    /// Whether the step's mark may have been purged: the saga is older than
+    /// the latest purge's cut-off (or its id carries no time).
+    async fn mark_may_be_purged(&self, tx: &mut S::Tx, step: &StepRef) -> Result<bool> {
+        let Some(purged) = self.inner.store.marks_purged_before(tx).await? else {
+            return Ok(false);
+        };
+        Ok(step
+            .saga_id
+            .created_at()
+            .is_none_or(|started| started < purged))
     }
 
     /// Runs the handler. `Ok(Ok(reply))` success (no reply without a reply

@@ -263,8 +263,15 @@ pub trait IdempotencyStore: Transactional {
     ) -> Result<()>;
 
     /// Deletes up to `limit` message and step records created before `before`;
-    /// returns how many. A duplicate older than the retention is processed again.
+    /// returns how many. A duplicate older than the retention is processed
+    /// again. Remembers `before` (the latest one) for
+    /// [`marks_purged_before`](Self::marks_purged_before).
     async fn purge_expired(&self, before: DateTime<Utc>, limit: usize) -> Result<u64>;
+
+    /// Step marks created before this may have been purged: for a saga
+    /// older than this, a missing mark says nothing about whether its action
+    /// ran here. `None` if no mark was ever purged.
+    async fn marks_purged_before(&self, tx: &mut Self::Tx) -> Result<Option<DateTime<Utc>>>;
 }
 
 /// Which sagas [`SagaStore::list`] returns.

@@ -134,6 +134,11 @@ impl RedisIdempotencyStore {
         self.config.key("idempotency:index")
     }
 
+    /// Where the latest purge cut-off is kept (microseconds).
+    fn purged_key(&self) -> String {
+        self.config.key("idempotency:purged_before")
+    }
+
     fn message_key(&self, consumer: &str, id: MessageId) -> String {
         self.config.key(&format!("idempotency:msg:{consumer}:{id}"))
     }
@@ -346,8 +351,35 @@ impl IdempotencyStore for RedisIdempotencyStore {
         Ok(())
     }
 
+    /// Records expire after [`RedisConfig::retention`](crate::RedisConfig::retention)
+    /// on their own, so marks older than that may be gone even before any purge.
+    async fn marks_purged_before(&self, _: &mut RedisTx) -> Result<Option<DateTime<Utc>>> {
+        let mut conn = self.conn.clone();
+        let purged: Option<i64> = redis::cmd("GET")
+            .arg(self.purged_key())
+            .query_async(&mut conn)
+            .await
+            .map_err(redis("GET (idempotency purge)"))?;
+        let expired = saga_core::clock::now() - saga_core::clock::to_chrono(self.config.retention);
+        Ok(Some(
+            purged
+                .and_then(DateTime::from_timestamp_micros)
+                .map_or(expired, |purged| purged.max(expired)),
+        ))
+    }
+
     async fn purge_expired(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
         let mut conn = self.conn.clone();
+        // The latest cut-off, kept for marks_purged_before.
+        let _: i64 = redis::Script::new(
+            "local old = tonumber(redis.call('GET', KEYS[1]) or '-1') \
+             if tonumber(ARGV[1]) > old then redis.call('SET', KEYS[1], ARGV[1]) end return 0",
+        )
+        .key(self.purged_key())
+        .arg(before.timestamp_micros())
+        .invoke_async(&mut conn)
+        .await
+        .map_err(redis("remembering the purge (idempotency)"))?;
         let keys: Vec<String> = redis::cmd("ZRANGE")
             .arg(self.index_key())
             .arg("-inf")

@@ -666,7 +666,26 @@ impl IdempotencyStore for PostgresStore {
         .await
         .map_err(db("purging step marks"))?
         .rows_affected();
+        sqlx::query(&format!(
+            "INSERT INTO {purged} (id, before) VALUES (1, $1) \
+             ON CONFLICT (id) DO UPDATE SET before = GREATEST({purged}.before, EXCLUDED.before)",
+            purged = self.t("saga_marks_purged")
+        ))
+        .bind(before)
+        .execute(&self.pool)
+        .await
+        .map_err(db("remembering the step-mark purge"))?;
         Ok(from_inbox + from_marks)
+    }
+
+    async fn marks_purged_before(&self, tx: &mut Self::Tx) -> Result<Option<DateTime<Utc>>> {
+        sqlx::query_scalar(&format!(
+            "SELECT before FROM {} WHERE id = 1",
+            self.t("saga_marks_purged")
+        ))
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db("reading the step-mark purge"))
     }
 }
 

@@ -610,7 +610,24 @@ impl IdempotencyStore for SqliteStore {
         .await
         .map_err(db("purging step marks"))?
         .rows_affected();
+        sqlx::query(
+            "INSERT INTO saga_marks_purged (id, before) VALUES (1, ?1) \
+             ON CONFLICT (id) DO UPDATE SET before = max(before, excluded.before)",
+        )
+        .bind(micros(before))
+        .execute(&self.pool)
+        .await
+        .map_err(db("remembering the step-mark purge"))?;
         Ok(from_inbox + from_marks)
+    }
+
+    async fn marks_purged_before(&self, tx: &mut Self::Tx) -> Result<Option<DateTime<Utc>>> {
+        let before: Option<i64> =
+            sqlx::query_scalar("SELECT before FROM saga_marks_purged WHERE id = 1")
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(db("reading the step-mark purge"))?;
+        opt_time(before)
     }
 }
 

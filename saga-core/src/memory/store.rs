@@ -38,6 +38,8 @@ struct State {
     dead: BTreeMap<i64, DeadLetter>,
     inbox: HashMap<(String, MessageId), (Option<OutboxEntry>, DateTime<Utc>)>,
     marks: HashMap<(String, SagaId, u32), MarkRow>,
+    /// The latest cut-off of a mark purge.
+    marks_purged_before: Option<DateTime<Utc>>,
     sagas: HashMap<SagaId, SagaInstance>,
     log: Vec<SagaLogEntry>,
     rows: HashMap<(String, String), serde_json::Value>,
@@ -476,8 +478,13 @@ impl IdempotencyStore for MemoryStore {
         Ok(())
     }
 
+    async fn marks_purged_before(&self, tx: &mut MemoryTx) -> Result<Option<DateTime<Utc>>> {
+        Ok(tx.state.marks_purged_before)
+    }
+
     async fn purge_expired(&self, before: DateTime<Utc>, limit: usize) -> Result<u64> {
         let mut state = self.state.lock().await;
+        state.marks_purged_before = state.marks_purged_before.max(Some(before));
         let inbox: Vec<_> = state
             .inbox
             .iter()

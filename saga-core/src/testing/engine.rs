@@ -388,3 +388,87 @@ pub async fn deadlines_wait_while_the_transport_is_unreachable<S: Store + Clone>
     );
     rig.stop().await;
 }
+
+/// A command of `saga` at step 1 in `phase`, as an orchestrator sends it.
+fn step_command(message_type: &str, saga: SagaId, phase: crate::Phase) -> Message {
+    use crate::wire::headers;
+    Message::new(message_type, b"{}".to_vec())
+        .with_saga_id(saga)
+        .with_reply_to("orders.replies")
+        .with_header(headers::SAGA_STEP, "1")
+        .with_header(headers::SAGA_PHASE, phase.as_str())
+        .with_header(headers::SAGA_ATTEMPT, "1")
+}
+
+/// A saga id made `offset` from now (UUIDv7 carries its time).
+fn saga_made(offset: chrono::Duration) -> SagaId {
+    let at = crate::clock::now() + offset;
+    let seconds = u64::try_from(at.timestamp()).expect("a time after 1970");
+    let timestamp =
+        uuid::Timestamp::from_unix(uuid::NoContext, seconds, at.timestamp_subsec_nanos());
+    SagaId::from_uuid(uuid::Uuid::new_v7(timestamp))
+}
+
+/// A compensation that comes after its step's mark was purged (an operator
+/// retried a saga FAILED for weeks) still undoes the action: for a saga
+/// older than the purge, a missing mark is not read as "the action never
+/// ran". A compensation that overtakes its command in a saga newer than
+/// the purge is still answered without running, and the late command is
+/// refused.
+pub async fn a_compensation_after_its_mark_was_purged_still_undoes<S: Store + Clone>(
+    store: S,
+    _relay: SpawnRelay<S>,
+) {
+    use crate::Phase;
+    let effects = Effects::default();
+    let apply = || Apply {
+        effects: effects.clone(),
+    };
+    let participant = Participant::new(
+        unique("stock"),
+        unique("stock.commands"),
+        store.clone(),
+        Arc::new(MemoryTransport::default()),
+    )
+    .on("reserve", apply())
+    .on("reserve.undo", apply());
+
+    let weeks_old = saga_made(-chrono::Duration::days(30));
+    participant
+        .handle(&step_command("reserve", weeks_old, Phase::Forward))
+        .await
+        .unwrap();
+    let purged = store
+        .purge_expired(crate::clock::now() + chrono::Duration::seconds(1), 1000)
+        .await
+        .unwrap();
+    assert!(purged > 0, "the step's mark is purged");
+    participant
+        .handle(&step_command(
+            "reserve.undo",
+            weeks_old,
+            Phase::Compensation,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        effects.log(),
+        ["reserve", "reserve.undo"],
+        "the reservation is undone although its mark is gone"
+    );
+
+    let fresh = saga_made(chrono::Duration::minutes(1));
+    participant
+        .handle(&step_command("reserve.undo", fresh, Phase::Compensation))
+        .await
+        .unwrap();
+    participant
+        .handle(&step_command("reserve", fresh, Phase::Forward))
+        .await
+        .unwrap();
+    assert_eq!(
+        effects.log(),
+        ["reserve", "reserve.undo"],
+        "an overtaking compensation runs nothing, and the late command is refused"
+    );
+}

@@ -235,3 +235,24 @@ pub async fn purge_removes_only_old_records<S: IdempotencyStore>(store: S) {
         Begin::Duplicate { reply: None }
     );
 }
+
+/// A purge's cut-off is remembered, and an earlier cut-off never moves it back.
+pub async fn the_latest_purge_cut_off_is_remembered<S: IdempotencyStore>(store: S) {
+    let remembered = async || {
+        let mut tx = store.begin().await.unwrap();
+        let before = store.marks_purged_before(&mut tx).await.unwrap();
+        drop(tx);
+        before
+    };
+    let cut = clock::now().trunc_subsecs(6) - chrono::Duration::hours(1);
+    store.purge_expired(cut, 10).await.unwrap();
+    assert!(remembered().await >= Some(cut), "{:?}", remembered().await);
+    store
+        .purge_expired(cut - chrono::Duration::hours(1), 10)
+        .await
+        .unwrap();
+    assert!(
+        remembered().await >= Some(cut),
+        "an earlier cut-off does not move it back"
+    );
+}

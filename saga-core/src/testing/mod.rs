@@ -125,6 +125,7 @@ macro_rules! idempotency_conformance {
                 step_claim_inserts_then_reports_existing,
                 step_claim_rolls_back_with_the_transaction,
                 purge_removes_only_old_records,
+                the_latest_purge_cut_off_is_remembered,
             ]
         );
     };
@@ -166,6 +167,7 @@ macro_rules! engine_conformance {
                 a_step_whose_reply_cannot_be_read_is_compensated,
                 a_late_success_of_an_earlier_attempt_completes_the_step,
                 deadlines_wait_while_the_transport_is_unreachable,
+                a_compensation_after_its_mark_was_purged_still_undoes,
             ]
         );
     };
