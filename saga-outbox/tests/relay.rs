@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use saga_core::memory::{MemoryStore, MemoryTransport, PublishFault};
-use saga_core::saga::{LogStatus, SagaInstance, SagaLogEntry};
+use saga_core::saga::{LogStatus, SagaLogEntry};
 use saga_core::{
     Error, Message, OutboxEntry, OutboxStore, RetryPolicy, SagaId, SagaState, SagaStore,
     Transactional, Transport,
@@ -375,25 +375,7 @@ async fn is_fresh(store: &MemoryStore, id: saga_core::MessageId) -> bool {
 
 /// A saga in `state`, last changed now.
 async fn saga(store: &MemoryStore, state: SagaState) -> SagaId {
-    let now = saga_core::clock::now();
-    let saga = SagaInstance {
-        id: SagaId::new(),
-        saga_type: "order".into(),
-        state,
-        step: 0,
-        attempt: 1,
-        data: serde_json::Value::Null,
-        awaiting: None,
-        wake_at: None,
-        lease_owner: None,
-        lease_until: None,
-        error: None,
-        correlation_id: "c".into(),
-        history: Vec::new(),
-        version: 0,
-        created_at: now,
-        updated_at: now,
-    };
+    let saga = saga_core::testing::saga_store::saga("order", state, None);
     let mut tx = store.begin().await.unwrap();
     store.create(&mut tx, &saga).await.unwrap();
     store.commit(tx).await.unwrap();
@@ -493,8 +475,15 @@ async fn retention_deletes_only_what_is_old_in_bounded_batches() {
     assert_eq!(store.stats().await.unwrap().pending, 0);
 }
 
-#[tokio::test(start_paused = true)]
-async fn shutdown_finishes_the_batch_in_hand_and_holds_nothing() {
+/// Starts a relay on 40 slow messages, stops it mid-batch with `stop`, and
+/// checks what a stop promises: the batch in hand is finished, nothing more
+/// is published, nothing is both published and pending, and nothing stays
+/// leased, so another relay claims every remaining message at once.
+async fn stops_mid_batch_holding_nothing<F, Fut>(owner: &str, stop: F)
+where
+    F: FnOnce(saga_core::Worker) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let store = MemoryStore::new();
     let transport = Flaky::new();
     transport
@@ -504,20 +493,24 @@ async fn shutdown_finishes_the_batch_in_hand_and_holds_nothing() {
     let relay = Relay::new(
         store.clone(),
         transport.transport(),
-        config().batch_size(4).owner("leaving"),
+        config().batch_size(4).owner(owner),
     )
     .spawn();
     tokio::time::sleep(Duration::from_millis(120)).await;
-    relay.shutdown().await;
-
+    stop(relay).await;
     let published: HashSet<String> = transport.labels().into_iter().collect();
     assert!(
         !published.is_empty() && published.len() < 40,
         "stopped mid-run: {}",
         published.len()
     );
-    // Nothing is both published and still pending, and nothing stays leased:
-    // another relay can claim every remaining message at once.
+    // Ten poll intervals: a relay still running would publish more.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        transport.labels().len(),
+        published.len(),
+        "nothing published after the stop"
+    );
     let remaining = store
         .claim(&saga_core::store::ClaimRequest {
             owner: "next".into(),
@@ -543,6 +536,11 @@ async fn shutdown_finishes_the_batch_in_hand_and_holds_nothing() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn shutdown_finishes_the_batch_in_hand_and_holds_nothing() {
+    stops_mid_batch_holding_nothing("leaving", saga_core::Worker::shutdown).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_relay_and_retention_end() {
     use saga_core::testing::worker::ends_when_dropped;
@@ -560,56 +558,17 @@ async fn dropped_relay_and_retention_end() {
     ends_when_dropped("retention", async || Ok(retention.spawn())).await;
 }
 
-/// A relay dropped mid-batch stops as `shutdown` does: it finishes the
-/// batch in hand, publishes nothing more, and leaves nothing leased, so
-/// another relay takes every remaining message at once. (Real time: a relay
+/// A relay dropped mid-batch stops as `shutdown` does. (Real time: a relay
 /// that spins after the drop would never let paused time advance, and the
 /// test would hang instead of failing.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_dropped_mid_batch_stops_and_holds_nothing() {
-    let store = MemoryStore::new();
-    let transport = Flaky::new();
-    transport
-        .inner
-        .on_publish(|_, _| Some(PublishFault::Delay(Duration::from_millis(50))));
-    fill(&store, &["a", "b", "c", "d"], 10).await;
-    let relay = Relay::new(
-        store.clone(),
-        transport.transport(),
-        config().batch_size(4).owner("dropped"),
-    )
-    .spawn();
-    tokio::time::sleep(Duration::from_millis(120)).await;
-    drop(relay);
-    // Ten poll intervals: the batch in hand is done, and a relay still
-    // running would have published more.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let published: HashSet<String> = transport.labels().into_iter().collect();
-    assert!(
-        !published.is_empty() && published.len() < 40,
-        "stopped mid-run: {}",
-        published.len()
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        transport.labels().len(),
-        published.len(),
-        "nothing published after the drop"
-    );
-    let remaining = store
-        .claim(&saga_core::store::ClaimRequest {
-            owner: "next".into(),
-            limit: 100,
-            now: saga_core::clock::now(),
-            lease: Duration::from_secs(30),
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        remaining.len(),
-        40 - published.len(),
-        "every remaining message is claimable at once: none left leased"
-    );
+    stops_mid_batch_holding_nothing("dropped", async |relay| {
+        drop(relay);
+        // The batch in hand goes on in the background.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    })
+    .await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -38,21 +38,10 @@ mod saga_store {
     saga_core::saga_store_conformance!(super::store);
 }
 
-/// The relay the engine suite runs beside the store (saga-outbox's).
-fn relay<S: saga_core::OutboxStore + Clone>(
-    store: S,
-    transport: std::sync::Arc<dyn saga_core::Transport>,
-) -> saga_core::Worker {
-    saga_outbox::Relay::new(
-        store,
-        transport,
-        saga_outbox::RelayConfig::default().poll_interval(std::time::Duration::from_millis(20)),
-    )
-    .spawn()
-}
+mod relay_cases;
 
 mod engine {
-    saga_core::engine_conformance!(super::store, super::relay);
+    saga_core::engine_conformance!(super::store, super::relay_cases::spawn_relay);
 }
 
 #[tokio::test]

@@ -242,22 +242,8 @@ mod tests {
 
     fn saga(state: SagaState, history: Vec<StepEvent>) -> SagaInstance {
         SagaInstance {
-            id: SagaId::new(),
-            saga_type: "place-order".into(),
-            state,
-            step: 0,
-            attempt: 1,
-            data: serde_json::Value::Null,
-            awaiting: None,
-            wake_at: None,
-            lease_owner: None,
-            lease_until: None,
-            error: None,
-            correlation_id: "c".into(),
             history,
-            version: 1,
-            created_at: Utc::now(),
-            updated_at: Utc::now(),
+            ..crate::testing::saga_store::saga("place-order", state, None)
         }
     }
 

@@ -17,7 +17,9 @@ fn now() -> DateTime<Utc> {
     clock::now().trunc_subsecs(6)
 }
 
-fn saga(saga_type: &str, state: SagaState, wake_at: Option<DateTime<Utc>>) -> SagaInstance {
+/// A saga of `saga_type` in `state`, created and changed now, with no
+/// history: for tests that need instances in a store.
+pub fn saga(saga_type: &str, state: SagaState, wake_at: Option<DateTime<Utc>>) -> SagaInstance {
     let at = now();
     SagaInstance {
         id: SagaId::new(),

@@ -24,6 +24,20 @@ pub fn config(owner: &str) -> RelayConfig {
         )
 }
 
+/// The relay the engine suite runs beside the store (saga-core's
+/// `engine::SpawnRelay`).
+pub fn spawn_relay<S: OutboxStore + Clone>(
+    store: S,
+    transport: Arc<dyn saga_core::Transport>,
+) -> saga_core::Worker {
+    Relay::new(
+        store,
+        transport,
+        RelayConfig::default().poll_interval(Duration::from_millis(20)),
+    )
+    .spawn()
+}
+
 /// Enqueues `per_key` messages per key, interleaved, labelled `key:index`.
 pub async fn fill<S: OutboxStore>(store: &S, keys: usize, per_key: usize) {
     let mut tx = store.begin().await.unwrap();
