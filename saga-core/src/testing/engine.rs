@@ -167,6 +167,16 @@ impl<S: Store + Clone> Rig<S> {
         }
     }
 
+    /// One remote step, `reserve`, with a 300 ms deadline and three quick
+    /// attempts, over `transport`.
+    async fn hurried(store: S, relay: SpawnRelay<S>, transport: Arc<dyn Transport>) -> Self {
+        let step = Remote {
+            config: hurried(),
+            ..remote("reserve", &unique("stock.commands"))
+        };
+        Self::start_on(store, relay, transport, vec![step]).await
+    }
+
     async fn run(&self) -> SagaId {
         self.orchestrator
             .start_saga(
@@ -319,7 +329,6 @@ pub async fn a_late_success_of_an_earlier_attempt_completes_the_step<S: Store + 
     store: S,
     relay: SpawnRelay<S>,
 ) {
-    let channel = unique("stock.commands");
     let late = Late {
         inner: MemoryTransport::default(),
         fate: |attempt| match attempt {
@@ -327,16 +336,7 @@ pub async fn a_late_success_of_an_earlier_attempt_completes_the_step<S: Store + 
             _ => Fate::Lose,
         },
     };
-    let rig = Rig::start_on(
-        store,
-        relay,
-        Arc::new(late),
-        vec![Remote {
-            config: hurried(),
-            ..remote("reserve", &channel)
-        }],
-    )
-    .await;
+    let rig = Rig::hurried(store, relay, Arc::new(late)).await;
     let id = rig.run().await;
     assert_eq!(rig.ended(id).await, SagaState::Completed);
     assert_eq!(rig.effects.log(), ["reserve"], "applied once, never undone");
@@ -350,19 +350,9 @@ pub async fn deadlines_wait_while_the_transport_is_unreachable<S: Store + Clone>
     store: S,
     relay: SpawnRelay<S>,
 ) {
-    let channel = unique("stock.commands");
     let broker = MemoryTransport::default();
     broker.outage(Duration::from_millis(1500));
-    let rig = Rig::start_on(
-        store,
-        relay,
-        Arc::new(broker),
-        vec![Remote {
-            config: hurried(),
-            ..remote("reserve", &channel)
-        }],
-    )
-    .await;
+    let rig = Rig::hurried(store, relay, Arc::new(broker)).await;
     let id = rig.run().await;
     assert_eq!(rig.ended(id).await, SagaState::Completed);
     assert_eq!(rig.effects.log(), ["reserve"]);
