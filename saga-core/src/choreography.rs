@@ -225,16 +225,16 @@ impl<S: Store + Clone> EventConsumer<S> {
                 event.message_type, inner.name, error.message
             ))),
             Err(error) => {
+                // The failure is logged, but the event is not recorded as
+                // processed: replayed from the dead-letter channel, it runs
+                // the handler again.
                 drop(tx);
-                let Inbox::Fresh(mut tx) = open_inbox(&inner.store, &inner.name, event.id).await?
-                else {
-                    return Ok(());
-                };
+                let mut tx = inner.store.begin().await?;
                 let entry =
                     self.log_entry(event, LogStatus::Failed, &[], Some(error.message.clone()));
                 inner.store.append_log(&mut tx, &entry).await?;
                 inner.store.commit(tx).await?;
-                // Logged once; the transport moves the event to its dead-letter channel.
+                // The transport moves the event to its dead-letter channel.
                 Err(Error::InvalidMessage(format!(
                     "`{}` rejected event {} ({}): {}",
                     inner.name, event.id, event.message_type, error.message

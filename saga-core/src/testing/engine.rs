@@ -462,3 +462,76 @@ pub async fn a_compensation_after_its_mark_was_purged_still_undoes<S: Store + Cl
         "an overtaking compensation runs nothing, and the late command is refused"
     );
 }
+
+/// Refuses an event the first time it sees it, then handles it.
+struct RefusesOnce {
+    seen: Arc<Mutex<u32>>,
+}
+
+#[async_trait]
+impl<Tx: Send + 'static> crate::EventHandler<Tx> for RefusesOnce {
+    async fn handle(
+        &self,
+        _: &mut crate::EventContext<'_, Tx>,
+        _: &Message,
+    ) -> Result<(), StepError> {
+        let mut seen = self.seen.lock().unwrap();
+        *seen += 1;
+        if *seen == 1 {
+            return Err(StepError::rejected("the stock table was being migrated"));
+        }
+        Ok(())
+    }
+}
+
+/// A choreography event rejected for good is logged as failed but not
+/// recorded as processed: replayed (from the dead-letter channel, once the
+/// cause is fixed), it runs its handler again.
+pub async fn a_replayed_failed_event_runs_its_handler_again<S: Store + Clone>(
+    store: S,
+    _relay: SpawnRelay<S>,
+) {
+    let seen = Arc::new(Mutex::new(0));
+    let consumer = crate::EventConsumer::new(
+        unique("stock"),
+        [unique("order.events")],
+        store.clone(),
+        Arc::new(MemoryTransport::default()),
+    )
+    .on(
+        "order.placed",
+        RefusesOnce {
+            seen: Arc::clone(&seen),
+        },
+    );
+    let correlation = unique("order");
+    let event = Message::new("order.placed", b"{}".to_vec()).with_correlation_id(&correlation);
+    let refused = consumer.handle(&event).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| !e.is_retryable()),
+        "a rejection is permanent, for the dead-letter channel: {refused:?}"
+    );
+    consumer
+        .handle(&event)
+        .await
+        .expect("the replayed event is handled");
+    assert_eq!(*seen.lock().unwrap(), 2, "the handler ran again");
+    let log: Vec<crate::saga::LogStatus> = crate::SagaStore::log(&store, &correlation)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.status)
+        .collect();
+    assert_eq!(
+        log,
+        [
+            crate::saga::LogStatus::Failed,
+            crate::saga::LogStatus::Handled
+        ]
+    );
+    consumer
+        .handle(&event)
+        .await
+        .expect("a duplicate of a handled event is skipped");
+    assert_eq!(*seen.lock().unwrap(), 2, "once handled, never again");
+}

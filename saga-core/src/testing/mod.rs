@@ -168,6 +168,7 @@ macro_rules! engine_conformance {
                 a_late_success_of_an_earlier_attempt_completes_the_step,
                 deadlines_wait_while_the_transport_is_unreachable,
                 a_compensation_after_its_mark_was_purged_still_undoes,
+                a_replayed_failed_event_runs_its_handler_again,
             ]
         );
     };
