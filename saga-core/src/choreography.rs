@@ -14,13 +14,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Serialize;
 
-use crate::clock;
 use crate::error::{Error, Result, StepError};
 use crate::message::{Message, OutboxEntry};
 use crate::saga::{LogStatus, SagaLogEntry};
 use crate::store::{Inbox, Store, open_inbox};
 use crate::transport::Transport;
 use crate::worker::{self, Worker};
+use chrono::{DateTime, Utc};
 
 /// What an event handler sees: its transaction, and where to put the events it emits.
 pub struct EventContext<'a, Tx> {
@@ -96,7 +96,7 @@ pub async fn emit<S: Store>(
         status: LogStatus::Emitted,
         emitted: Vec::new(),
         error: None,
-        at: clock::now(),
+        at: store.now().await,
     };
     store
         .enqueue(tx, &[OutboxEntry::new(channel, event)])
@@ -202,6 +202,7 @@ impl<S: Store + Clone> EventConsumer<S> {
             tracing::debug!(event = %event.id, r#type = %event.message_type, "no handler; skipping");
             return Ok(());
         };
+        let now = inner.store.now().await;
         let Inbox::Fresh(mut tx) = open_inbox(&inner.store, &inner.name, event.id).await? else {
             return Ok(());
         };
@@ -216,7 +217,7 @@ impl<S: Store + Clone> EventConsumer<S> {
         match outcome {
             Ok(()) => {
                 inner.store.enqueue(&mut tx, &emitted).await?;
-                let entry = self.log_entry(event, LogStatus::Handled, &emitted, None);
+                let entry = self.log_entry(event, LogStatus::Handled, &emitted, None, now);
                 inner.store.append_log(&mut tx, &entry).await?;
                 inner.store.commit(tx).await
             }
@@ -230,8 +231,13 @@ impl<S: Store + Clone> EventConsumer<S> {
                 // the handler again.
                 drop(tx);
                 let mut tx = inner.store.begin().await?;
-                let entry =
-                    self.log_entry(event, LogStatus::Failed, &[], Some(error.message.clone()));
+                let entry = self.log_entry(
+                    event,
+                    LogStatus::Failed,
+                    &[],
+                    Some(error.message.clone()),
+                    now,
+                );
                 inner.store.append_log(&mut tx, &entry).await?;
                 inner.store.commit(tx).await?;
                 // The transport moves the event to its dead-letter channel.
@@ -249,6 +255,7 @@ impl<S: Store + Clone> EventConsumer<S> {
         status: LogStatus,
         emitted: &[OutboxEntry],
         error: Option<String>,
+        at: DateTime<Utc>,
     ) -> SagaLogEntry {
         SagaLogEntry {
             correlation_id: event
@@ -264,7 +271,7 @@ impl<S: Store + Clone> EventConsumer<S> {
                 .map(|e| e.message.message_type.clone())
                 .collect(),
             error,
-            at: clock::now(),
+            at,
         }
     }
 }

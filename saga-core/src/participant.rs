@@ -24,7 +24,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::clock;
 use crate::error::{Error, Result, StepError};
 use crate::message::{Message, OutboxEntry};
 use crate::reply::{self, Reply};
@@ -156,7 +155,7 @@ impl<S: OutboxStore + IdempotencyStore + Clone> Participant<S> {
     pub async fn handle(&self, command: &Message) -> Result<()> {
         let inner = &self.inner;
         let step = step_ref(command)?;
-        let now = clock::now();
+        let now = inner.store.now().await;
         let mut tx = match open_inbox(&inner.store, &inner.name, command.id).await? {
             Inbox::Fresh(tx) => tx,
             Inbox::Duplicate(reply) => {

@@ -29,6 +29,16 @@ pub trait Transactional: Send + Sync + 'static {
 
     /// Commits a transaction.
     async fn commit(&self, tx: Self::Tx) -> Result<()>;
+
+    /// The time in this store's clock domain: what leases, wake-up times,
+    /// deadlines and retry times written to the store are computed from, so
+    /// that every process comparing them agrees whatever its own clock says.
+    /// A store with a server answers with the server's clock; the default is
+    /// the process clock ([`crate::clock::now`]), right for a store that
+    /// lives in one process or on one host.
+    async fn now(&self) -> DateTime<Utc> {
+        crate::clock::now()
+    }
 }
 
 /// One message waiting in the outbox.
@@ -350,9 +360,11 @@ pub(crate) async fn open_inbox<S: IdempotencyStore + ?Sized>(
     consumer: &str,
     message_id: MessageId,
 ) -> Result<Inbox<S::Tx>> {
+    // Read before the transaction: a store may ask its server for the time.
+    let now = store.now().await;
     let mut tx = store.begin().await?;
     match store
-        .begin_processing(&mut tx, consumer, message_id, crate::clock::now())
+        .begin_processing(&mut tx, consumer, message_id, now)
         .await?
     {
         Begin::Fresh => Ok(Inbox::Fresh(tx)),

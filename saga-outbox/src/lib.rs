@@ -178,7 +178,7 @@ impl<S: OutboxStore> Relay<S> {
 
     /// Claims and publishes one batch.
     pub async fn run_once(&self) -> Result<BatchReport> {
-        let now = clock::now();
+        let now = self.store.now().await;
         let records = self
             .store
             .claim(&ClaimRequest {
@@ -242,7 +242,7 @@ impl<S: OutboxStore> Relay<S> {
         if !published.is_empty() {
             let marked = self
                 .store
-                .mark_published(&self.config.owner, &published, clock::now())
+                .mark_published(&self.config.owner, &published, self.store.now().await)
                 .await?;
             let lost = published.len() - usize::try_from(marked).unwrap_or(published.len());
             if lost > 0 {
@@ -267,11 +267,9 @@ impl<S: OutboxStore> Relay<S> {
     async fn report_lag(&self) {
         match self.store.stats().await {
             Ok(stats) => {
+                let now = self.store.now().await;
                 let lag = stats.oldest_pending.map_or(0.0, |oldest| {
-                    (clock::now() - oldest)
-                        .to_std()
-                        .unwrap_or_default()
-                        .as_secs_f64()
+                    (now - oldest).to_std().unwrap_or_default().as_secs_f64()
                 });
                 metrics::gauge!(metrics_names::LAG_SECONDS).set(lag);
                 metrics::gauge!(metrics_names::PENDING).set(stats.pending as f64);
@@ -290,7 +288,8 @@ impl<S: OutboxStore> Relay<S> {
         let attempt = record.attempts + 1;
         let message = error.to_string();
         if error.is_retryable() && self.config.retry.allows_retry_after(attempt) {
-            let retry_at = clock::now() + clock::to_chrono(self.config.retry.backoff(attempt));
+            let retry_at =
+                self.store.now().await + clock::to_chrono(self.config.retry.backoff(attempt));
             tracing::warn!(seq = record.seq, attempt, %error, "publish failed; will retry");
             if self
                 .store
@@ -301,7 +300,12 @@ impl<S: OutboxStore> Relay<S> {
             }
         } else if self
             .store
-            .dead_letter(&self.config.owner, record.seq, &message, clock::now())
+            .dead_letter(
+                &self.config.owner,
+                record.seq,
+                &message,
+                self.store.now().await,
+            )
             .await?
         {
             tracing::error!(seq = record.seq, attempt, %error, "publish failed for good; dead-lettered");

@@ -81,7 +81,7 @@ impl<S: Store + Clone> Retention<S> {
 
     /// Deletes everything past retention now, one bounded batch at a time.
     pub async fn run_once(&self) -> Result<Purged> {
-        let now = clock::now();
+        let now = self.store.now().await;
         let policy = &self.policy;
         let mut purged = Purged::default();
         for (kind, keep, count) in [

@@ -17,6 +17,7 @@ use saga_core::{
 use sqlx::Row;
 use sqlx::postgres::{PgListener, PgPool, PgRow};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
@@ -37,6 +38,52 @@ pub struct PostgresStore {
     pool: PgPool,
     schema: String,
     listener: Arc<Mutex<Option<PgListener>>>,
+    clock: Arc<ServerClock>,
+}
+
+/// How often the server's clock is read again.
+const CLOCK_REFRESH: Duration = Duration::from_secs(30);
+
+/// The server's clock, as an offset from this process's: every time the
+/// store writes or compares (leases, wake-up times, deadlines) comes from
+/// it, so processes on hosts whose clocks disagree still agree.
+#[derive(Debug, Default)]
+struct ServerClock {
+    /// Server time minus process time, in microseconds.
+    offset_micros: AtomicI64,
+    /// When the offset was last measured.
+    measured: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl ServerClock {
+    fn now(&self) -> DateTime<Utc> {
+        clock::now() + chrono::Duration::microseconds(self.offset_micros.load(Ordering::Relaxed))
+    }
+
+    fn due(&self) -> bool {
+        self.measured
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none_or(|at| at.elapsed() >= CLOCK_REFRESH)
+    }
+
+    /// Reads the server's clock on `conn`, halfway through the round trip.
+    async fn measure(&self, conn: &mut sqlx::PgConnection) -> Result<()> {
+        let before = clock::now();
+        let server: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(conn)
+            .await
+            .map_err(db("reading the server's clock"))?;
+        let after = clock::now();
+        let local = before + (after - before) / 2;
+        let offset = (server - local).num_microseconds().unwrap_or(0);
+        self.offset_micros.store(offset, Ordering::Relaxed);
+        *self
+            .measured
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tokio::time::Instant::now());
+        Ok(())
+    }
 }
 
 impl fmt::Debug for PostgresStore {
@@ -132,6 +179,7 @@ impl PostgresStore {
             pool,
             schema: "saga".to_owned(),
             listener: Arc::default(),
+            clock: Arc::default(),
         }
     }
 
@@ -142,6 +190,7 @@ impl PostgresStore {
             pool,
             schema: schema.to_owned(),
             listener: Arc::default(),
+            clock: Arc::default(),
         })
     }
 
@@ -178,10 +227,12 @@ impl PostgresStore {
         // `Acquire`, whose higher-ranked bound makes this future not `Send`
         // (sqlx's own workaround, hidden from its docs).
         let result = migrator.run_direct(&mut *conn).await;
+        // The first reading of the server's clock, before anything depends on it.
+        let measured = self.clock.measure(&mut conn).await;
         let reset = sqlx::query("RESET search_path").execute(&mut *conn).await;
         result.map_err(|e| Error::backend("applying migrations", false, e))?;
         reset.map_err(db("resetting the search path"))?;
-        Ok(())
+        measured
     }
 
     /// The LISTEN/NOTIFY channel of this store's outbox.
@@ -246,6 +297,19 @@ impl Transactional for PostgresStore {
     async fn commit(&self, tx: Self::Tx) -> Result<()> {
         tx.commit().await.map_err(db("committing"))
     }
+
+    /// The server's clock (`clock_timestamp()`), read at most every 30 s on
+    /// an idle connection of the pool (never waiting for one: a caller may
+    /// hold the last) and kept as an offset from the process clock.
+    async fn now(&self) -> DateTime<Utc> {
+        if self.clock.due()
+            && let Some(mut conn) = self.pool.try_acquire()
+            && let Err(error) = self.clock.measure(&mut conn).await
+        {
+            tracing::warn!(%error, "reading PostgreSQL's clock failed; the last offset stays");
+        }
+        self.clock.now()
+    }
 }
 
 #[async_trait]
@@ -254,7 +318,7 @@ impl OutboxStore for PostgresStore {
         if entries.is_empty() {
             return Ok(());
         }
-        let now = clock::now();
+        let now = self.now().await;
         let mut channels = Vec::with_capacity(entries.len());
         let mut ids = Vec::with_capacity(entries.len());
         let mut keys = Vec::with_capacity(entries.len());
@@ -418,7 +482,7 @@ impl OutboxStore for PostgresStore {
             self.t("saga_outbox")
         ))
         .bind(seq)
-        .bind(clock::now())
+        .bind(self.now().await)
         .execute(&self.pool)
         .await
         .map_err(db("requeueing a dead letter"))?;
@@ -634,7 +698,7 @@ impl IdempotencyStore for PostgresStore {
         .bind(channel)
         .bind(headers)
         .bind(payload)
-        .bind(clock::now())
+        .bind(self.now().await)
         .execute(&mut **tx)
         .await
         .map_err(db("updating a step mark"))?;

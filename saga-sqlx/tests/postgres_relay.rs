@@ -198,3 +198,79 @@ async fn a_relay_killed_with_sigkill_loses_nothing() {
         labels.len()
     );
 }
+
+const SKEWED_SCHEMA: &str = "SAGA_SKEWED_CHILD_SCHEMA";
+
+/// A relay on a host whose clock is 10 minutes ahead, for 3 s. Started by
+/// `a_relay_on_a_skewed_host_respects_the_leases_of_others` as a child
+/// process; it does nothing on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper: the child process of a_relay_on_a_skewed_host_respects_the_leases_of_others"]
+async fn skewed_child_relay() {
+    let Ok(schema) = std::env::var(SKEWED_SCHEMA) else {
+        return;
+    };
+    saga_core::clock::skew(chrono::Duration::minutes(10));
+    let pool = PgPool::connect(&database_url()).await.unwrap();
+    let store = PostgresStore::with_schema(pool.clone(), &schema).unwrap();
+    store.migrate().await.unwrap();
+    let broker = TableBroker {
+        pool,
+        table: format!("{schema}.broker"),
+    };
+    let relay = Relay::new(store, Arc::new(broker), config("skewed")).spawn();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    relay.shutdown().await;
+}
+
+/// Leases are compared on the database's clock: a relay whose host clock is
+/// 10 minutes ahead does not see the leases of a live relay as expired, so
+/// it does not publish what that relay holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_on_a_skewed_host_respects_the_leases_of_others() {
+    let Some(store) = store().await else { return };
+    let broker_table = format!("{}.broker", store.schema());
+    sqlx::query(&format!(
+        "CREATE TABLE {broker_table} (seq BIGSERIAL PRIMARY KEY, label TEXT NOT NULL)"
+    ))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    fill(&store, 5, 4).await;
+    // The live relay claims every key's head and hangs publishing them,
+    // holding their 30 s leases.
+    let hanging = saga_core::memory::MemoryTransport::default();
+    hanging.on_publish(|_, _| Some(saga_core::memory::PublishFault::Hang));
+    let live = Relay::new(
+        store.clone(),
+        Arc::new(hanging),
+        config("live").lease(Duration::from_secs(30)),
+    );
+    let holding = tokio::spawn(async move { live.run_once().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "skewed_child_relay",
+            "--include-ignored",
+            "--test-threads",
+            "1",
+        ])
+        .env(SKEWED_SCHEMA, store.schema())
+        .env("DATABASE_URL", database_url())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the skewed relay ran");
+    holding.abort();
+    let published: Vec<String> =
+        sqlx::query_scalar(&format!("SELECT label FROM {broker_table} ORDER BY seq"))
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert!(
+        published.is_empty(),
+        "the skewed relay took over live leases and published {published:?}"
+    );
+}

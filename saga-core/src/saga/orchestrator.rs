@@ -230,7 +230,7 @@ impl<S: Store + Clone> Orchestrator<S> {
         options: StartOptions,
     ) -> Result<SagaId> {
         let definition = self.definition(saga_type)?;
-        let now = clock::now();
+        let now = self.inner.store.now().await;
         let id = options.id.unwrap_or_default();
         let mut saga = SagaInstance {
             id,
@@ -368,7 +368,7 @@ impl<S: Store + Clone> Orchestrator<S> {
     /// Operator action: compensates a FAILED saga again from the compensation
     /// that failed, with fresh attempts.
     pub async fn retry(&self, id: SagaId) -> Result<()> {
-        let now = clock::now();
+        let now = self.inner.store.now().await;
         let mut tx = self.inner.store.begin().await?;
         let mut saga = self
             .inner
@@ -433,7 +433,7 @@ impl<S: Store + Clone> Orchestrator<S> {
         outcome: Result<(), StepError>,
     ) -> Result<bool> {
         let store = &self.inner.store;
-        let now = clock::now();
+        let now = store.now().await;
         let Inbox::Fresh(mut tx) = open_inbox(store, &self.inner.config.name, reply.id).await?
         else {
             return Ok(false);
@@ -500,7 +500,7 @@ impl<S: Store + Clone> Orchestrator<S> {
     /// One transition of a due saga. Returns whether it can move on again now.
     async fn drive_once(&self, id: SagaId) -> Result<bool> {
         let store = &self.inner.store;
-        let now = clock::now();
+        let now = store.now().await;
         let mut tx = store.begin().await?;
         let Some(mut saga) = store.load(&mut tx, id).await? else {
             return Ok(false);
@@ -660,7 +660,7 @@ impl<S: Store + Clone> Orchestrator<S> {
                 .store
                 .claim_due(
                     &self.inner.owner,
-                    clock::now(),
+                    self.inner.store.now().await,
                     config.lease,
                     config.batch_size,
                 )
