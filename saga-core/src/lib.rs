@@ -73,7 +73,10 @@
 //!    [`Acknowledger`]: confirm publishes before returning, map the envelope
 //!    with [`wire::to_headers`] and [`wire::from_headers`], dead-letter what
 //!    does not decode, make a dropped [`Delivery`] come again, answer
-//!    [`Transport::check`] from the broker, and report honest [`Capabilities`].
+//!    [`Transport::check`] from the broker, delete what
+//!    [`Transport::delete_channels`] names, and report honest
+//!    [`Capabilities`] (written out again to `transport_conformance!`, so
+//!    the cases of what is not claimed show as not run).
 //! 4. In your tests, call the suites of [`testing`] with a setup function that
 //!    reaches your real service and returns `None` (after printing why) when it
 //!    is unreachable and `SAGA_REQUIRE_SERVICES` is not `1`. A transport also

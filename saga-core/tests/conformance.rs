@@ -26,5 +26,9 @@ mod saga_store {
 }
 
 mod transport {
-    saga_core::transport_conformance!(super::transport);
+    saga_core::transport_conformance!(super::transport, claims: {
+        ordered_per_key: true,
+        replays_history: true,
+        redelivers_unacked: true,
+    });
 }

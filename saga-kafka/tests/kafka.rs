@@ -25,7 +25,11 @@ async fn transport() -> Option<KafkaTransport> {
 }
 
 mod transport_suite {
-    saga_core::transport_conformance!(super::transport);
+    saga_core::transport_conformance!(super::transport, claims: {
+        ordered_per_key: true,
+        replays_history: true,
+        redelivers_unacked: true,
+    });
 }
 
 /// Raw record headers, and what the dead letter's error must name.

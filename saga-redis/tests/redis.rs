@@ -30,7 +30,12 @@ async fn idempotency_store() -> Option<RedisIdempotencyStore> {
 }
 
 mod transport_suite {
-    saga_core::transport_conformance!(super::transport);
+    // No order per key with several members of a group.
+    saga_core::transport_conformance!(super::transport, claims: {
+        ordered_per_key: false,
+        replays_history: true,
+        redelivers_unacked: true,
+    });
 }
 
 mod idempotency_suite {

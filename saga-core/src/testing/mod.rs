@@ -189,10 +189,25 @@ macro_rules! __engine_cases {
     };
 }
 
-/// Runs the transport suite ([`transport`]) with `setup`.
+/// Runs the transport suite ([`transport`]) with `setup`. `claims` says
+/// what the transport claims (its [`Capabilities`](crate::Capabilities),
+/// written out so the suite knows it when it is compiled): a case about a
+/// capability the transport does not claim is an ignored test, so that it
+/// shows as not run instead of passing. Each case checks that the
+/// transport's `capabilities()` says the same.
+///
+/// ```ignore
+/// saga_core::transport_conformance!(setup, claims: {
+///     ordered_per_key: true, replays_history: false, redelivers_unacked: true,
+/// });
+/// ```
 #[macro_export]
 macro_rules! transport_conformance {
-    ($setup:path) => {
+    ($setup:path, claims: {
+        ordered_per_key: $ordered:tt,
+        replays_history: $history:tt,
+        redelivers_unacked: $redelivers:tt $(,)?
+    }) => {
         $crate::__conformance_cases!(
             transport,
             $setup,
@@ -202,16 +217,56 @@ macro_rules! transport_conformance {
                 envelope_round_trips,
                 acked_message_is_not_redelivered,
                 nacked_message_is_redelivered,
-                unacked_delivery_goes_to_another_member,
                 group_members_share_the_work,
                 every_group_gets_every_message,
-                order_per_key_is_kept,
                 repeated_nacks_end_in_the_dead_letter_channel,
                 dead_lettered_message_is_not_redelivered,
                 publish_batch_confirms_each_message,
-                late_group_receives_history,
                 deleted_channels_start_afresh,
             ]
         );
+        $crate::__capability_case!($ordered, $setup, order_per_key_is_kept, ordered_per_key);
+        $crate::__capability_case!(
+            $history,
+            $setup,
+            late_group_receives_history,
+            replays_history
+        );
+        $crate::__capability_case!(
+            $redelivers,
+            $setup,
+            unacked_delivery_goes_to_another_member,
+            redelivers_unacked
+        );
+    };
+}
+
+/// One case about a capability: run where it is claimed, ignored (shown as
+/// not run) where it is not.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __capability_case {
+    (true, $setup:path, $case:ident, $capability:ident) => {
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            let Some(subject) = $setup().await else {
+                return;
+            };
+            $crate::testing::transport::$case(subject).await;
+        }
+    };
+    (false, $setup:path, $case:ident, $capability:ident) => {
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        #[ignore = "not run: the transport does not claim this capability"]
+        async fn $case() {
+            let Some(subject) = $setup().await else {
+                return;
+            };
+            assert!(
+                !$crate::Transport::capabilities(&subject).$capability,
+                "the suite was told the transport does not claim `{}`, but it does",
+                stringify!($capability)
+            );
+        }
     };
 }

@@ -165,9 +165,10 @@ pub async fn nacked_message_is_redelivered<T: Transport>(transport: T) {
 /// A member that dies holding an unacknowledged delivery: another member of
 /// the group gets the message.
 pub async fn unacked_delivery_goes_to_another_member<T: Transport>(transport: T) {
-    if !transport.capabilities().redelivers_unacked {
-        return;
-    }
+    assert!(
+        transport.capabilities().redelivers_unacked,
+        "the case runs only where `redelivers_unacked` is claimed"
+    );
     let channel = unique("events");
     let group = unique("group");
     let mut first = subscribe(&transport, &group, &channel).await;
@@ -250,9 +251,10 @@ pub async fn every_group_gets_every_message<T: Transport>(transport: T) {
 
 /// Messages of one key are handled in publish order, also by competing members.
 pub async fn order_per_key_is_kept<T: Transport>(transport: T) {
-    if !transport.capabilities().ordered_per_key {
-        return;
-    }
+    assert!(
+        transport.capabilities().ordered_per_key,
+        "the case runs only where `ordered_per_key` is claimed"
+    );
     let channel = unique("events");
     let group = unique("group");
     let subs = [
@@ -402,9 +404,10 @@ pub async fn publish_batch_confirms_each_message<T: Transport>(transport: T) {
 
 /// A group that subscribes after messages were published still receives them.
 pub async fn late_group_receives_history<T: Transport>(transport: T) {
-    if !transport.capabilities().replays_history {
-        return;
-    }
+    assert!(
+        transport.capabilities().replays_history,
+        "the case runs only where `replays_history` is claimed"
+    );
     let channel = unique("events");
     let sent = message("early");
     transport.publish(&channel, &sent).await.unwrap();
