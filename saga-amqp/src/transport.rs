@@ -15,7 +15,7 @@
 //! | publish confirmed | publisher confirms; `mandatory`, so a channel no group listens on yet fails the publish (retryable) instead of dropping the message |
 //! | persistent | `delivery_mode = 2` on quorum queues |
 //! | ack after the handler | manual `basic.ack` |
-//! | nack | `basic.nack` with requeue; the quorum queue counts it (`x-delivery-count`) |
+//! | nack | the member hands the delivery back to itself and delivers it again before anything prefetched after it (a requeue would put it behind those, and the key's next message would overtake it); the broker keeps it unacknowledged meanwhile. Attempts = the queue's `x-delivery-count` (deliveries to members) plus the member's own nacks |
 //! | dead member, dropped delivery | RabbitMQ requeues what a closed channel held; a dropped delivery is nacked |
 //! | dead letter | published to `P<channel>.dlq` with the error, confirmed, then acked; `x-delivery-limit` backs it up for consumers that crash before they can |
 //!
@@ -30,7 +30,8 @@
 //! Order per ordering key: RabbitMQ dispatches one queue round-robin to its
 //! consumers, so competing members may handle two messages of one key at the
 //! same time. [`AmqpConfig::single_active_consumer`] keeps the order instead:
-//! one member of each group consumes, the others take over when it goes away.
+//! one member of each group consumes, the others take over when it goes away;
+//! a nack does not reorder (see above).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -379,11 +380,15 @@ impl Transport for AmqpTransport {
         if channels.is_empty() {
             return Err(Error::Config("subscribe needs at least one channel".into()));
         }
+        let (hand_back, handed_back) = mpsc::unbounded_channel();
         let mut subscription = AmqpSubscription {
             config: self.inner.config.clone(),
             group: group.to_owned(),
             channels: channels.to_vec(),
             link: None,
+            generation: 1,
+            handed_back,
+            hand_back,
         };
         subscription.link = Some(subscription.open().await?);
         Ok(Box::new(subscription))
@@ -411,6 +416,29 @@ struct AmqpSubscription {
     group: String,
     channels: Vec<String>,
     link: Option<Link>,
+    /// Counts the links opened: a delivery handed back belongs to one.
+    generation: u64,
+    /// Nacked deliveries, handed back to be delivered again first.
+    handed_back: mpsc::UnboundedReceiver<Returned>,
+    hand_back: mpsc::UnboundedSender<Returned>,
+}
+
+/// A nacked delivery on its way back to its subscription, which delivers it
+/// again before anything the broker sent after it: a requeue would put it
+/// behind the messages already prefetched, and a key's next message would
+/// overtake it. The broker still holds it unacknowledged, so if the member
+/// goes away the broker delivers it elsewhere.
+struct Returned {
+    generation: u64,
+    index: usize,
+    payload: Payload,
+}
+
+/// Where a delivery goes back on nack.
+struct Returner {
+    sender: mpsc::UnboundedSender<Returned>,
+    generation: u64,
+    index: usize,
 }
 
 /// One connection consuming every queue of a subscription.
@@ -526,6 +554,21 @@ impl AmqpSubscription {
         })
     }
 
+    /// A delivery handed back by a nack, as its next attempt.
+    fn again(&self, returned: Returned) -> Result<Delivery> {
+        let Returned {
+            index, mut payload, ..
+        } = returned;
+        payload.settle.attempt = payload.settle.attempt.saturating_add(1);
+        let message = decode(&payload.settle.properties, payload.data.clone())?;
+        Ok(Delivery::new(
+            self.channels[index].clone(),
+            message,
+            payload.settle.attempt,
+            Box::new(payload),
+        ))
+    }
+
     /// Turns a broker delivery into ours, or dead-letters what is not a message.
     async fn accept(&self, index: usize, delivery: AmqpDelivery) -> Result<Option<Delivery>> {
         let link = self.link.as_ref().expect("called with a link");
@@ -565,6 +608,11 @@ impl AmqpSubscription {
             Box::new(Payload {
                 settle,
                 data: delivery.data,
+                returner: Some(Returner {
+                    sender: self.hand_back.clone(),
+                    generation: self.generation,
+                    index,
+                }),
             }),
         )))
     }
@@ -573,6 +621,13 @@ impl AmqpSubscription {
 #[async_trait]
 impl Subscription for AmqpSubscription {
     async fn next(&mut self) -> Result<Delivery> {
+        // What a nack handed back comes first, if its link still stands (the
+        // broker redelivers what an earlier link held).
+        while let Ok(returned) = self.handed_back.try_recv() {
+            if returned.generation == self.generation && self.link.is_some() {
+                return self.again(returned);
+            }
+        }
         loop {
             if self.link.is_none() {
                 let opened = tokio::time::timeout(OPEN_TIMEOUT, self.open())
@@ -583,6 +638,7 @@ impl Subscription for AmqpSubscription {
                         ))
                     })?;
                 self.link = Some(opened?);
+                self.generation += 1;
             }
             let link = self.link.as_mut().expect("opened above");
             let received = tokio::select! {
@@ -733,6 +789,8 @@ impl Settle {
 struct Payload {
     settle: Box<Settle>,
     data: Vec<u8>,
+    /// Where a nack hands it back; `None` requeues it at the broker.
+    returner: Option<Returner>,
 }
 
 /// How long settling a delivery may take. lapin can leave an ack pending
@@ -759,9 +817,32 @@ impl Acknowledger for Payload {
         bounded("basic.ack", self.settle.ack()).await
     }
 
-    async fn nack(self: Box<Self>, error: &str) -> Result<()> {
+    async fn nack(mut self: Box<Self>, error: &str) -> Result<()> {
         if self.settle.attempt >= self.settle.max_deliveries {
             return self.dead_letter(error).await;
+        }
+        if let Some(returner) = self.returner.take() {
+            let returned = Returned {
+                generation: returner.generation,
+                index: returner.index,
+                payload: Payload {
+                    settle: self.settle,
+                    data: self.data,
+                    returner: Some(Returner {
+                        sender: returner.sender.clone(),
+                        ..returner
+                    }),
+                },
+            };
+            return match returner.sender.send(returned) {
+                Ok(()) => Ok(()),
+                // The subscription is gone: the broker takes it back.
+                Err(mpsc::error::SendError(returned)) => {
+                    let mut payload = returned.payload;
+                    payload.returner = None;
+                    Box::new(payload).nack(error).await
+                }
+            };
         }
         let mut settle = self.settle;
         let acker = settle.acker();
@@ -779,7 +860,7 @@ impl Acknowledger for Payload {
     }
 
     async fn dead_letter(self: Box<Self>, error: &str) -> Result<()> {
-        let Self { settle, data } = *self;
+        let Self { settle, data, .. } = *self;
         bounded("dead-lettering", settle.dead_letter_raw(&data, error)).await
     }
 }

@@ -249,7 +249,10 @@ pub async fn every_group_gets_every_message<T: Transport>(transport: T) {
     }
 }
 
-/// Messages of one key are handled in publish order, also by competing members.
+/// Messages of one key are handled in publish order, also by competing
+/// members and across nacks: every fourth message is nacked on its first
+/// delivery, and the next message of its key must not be handled before it.
+/// Two messages of one key are never in flight at once.
 pub async fn order_per_key_is_kept<T: Transport>(transport: T) {
     assert!(
         transport.capabilities().ordered_per_key,
@@ -272,20 +275,42 @@ pub async fn order_per_key_is_kept<T: Transport>(transport: T) {
         }
     }
     let order: Arc<Mutex<Vec<String>>> = Arc::default();
+    let nacked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let overlaps: Arc<Mutex<Vec<String>>> = Arc::default();
     let mut tasks = Vec::new();
     for mut sub in subs {
-        let order = Arc::clone(&order);
+        let (order, nacked) = (Arc::clone(&order), Arc::clone(&nacked));
+        let (in_flight, overlaps) = (Arc::clone(&in_flight), Arc::clone(&overlaps));
         tasks.push(tokio::spawn(async move {
             while let Ok(Ok(delivery)) = tokio::time::timeout(QUIET * 2, sub.next()).await {
-                order.lock().unwrap().push(label(&delivery));
+                let label = label(&delivery);
+                let (key, index) = label.split_once(':').unwrap();
+                let key = key.to_owned();
+                if !in_flight.lock().unwrap().insert(key.clone()) {
+                    overlaps.lock().unwrap().push(label.clone());
+                }
                 tokio::time::sleep(Duration::from_millis(2)).await;
-                delivery.ack().await.unwrap();
+                let first_time = index.parse::<u32>().unwrap() % 4 == 1
+                    && nacked.lock().unwrap().insert(label.clone());
+                in_flight.lock().unwrap().remove(&key);
+                if first_time {
+                    delivery.nack("not yet").await.unwrap();
+                } else {
+                    order.lock().unwrap().push(label);
+                    delivery.ack().await.unwrap();
+                }
             }
         }));
     }
     for task in tasks {
         task.await.unwrap();
     }
+    assert_eq!(
+        *overlaps.lock().unwrap(),
+        Vec::<String>::new(),
+        "messages handed out while another message of their key was in flight"
+    );
     let mut by_key: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     for entry in order.lock().unwrap().iter() {
         let (key, index) = entry.split_once(':').unwrap();
