@@ -954,11 +954,13 @@ macro_rules! services_on {
                 .get::<String, _>("saga_id")
                 .parse()
                 .map_err(|e| saga::Error::InvalidState(format!("saga id: {e:?}")))?;
-            let view = self
-                .orchestrator()?
-                .saga(saga_id)
-                .await?
-                .ok_or_else(|| saga::Error::NotFound(format!("saga {saga_id}")))?;
+            let saga = async || {
+                self.orchestrator()?
+                    .saga(saga_id)
+                    .await?
+                    .ok_or_else(|| saga::Error::NotFound(format!("saga {saga_id}")))
+            };
+            let mut view = saga().await?;
             // Status and total after the saga: the saga's last transaction
             // writes them, so a terminal saga is never shown beside a stale
             // PENDING read before it.
@@ -967,6 +969,11 @@ macro_rules! services_on {
                 .fetch_one(self.orders()?.pool())
                 .await
                 .map_err(|e| saga::Error::backend("GET order", true, e))?;
+            // A decided order with a saga read just before that transaction
+            // committed: read the saga again, it has ended with the row.
+            if row.get::<String, _>("status") != "PENDING" && !view.instance.state.is_terminal() {
+                view = saga().await?;
+            }
             let history = &view.instance.history;
             // The failure that decided the outcome, not an earlier attempt's.
             let reason = view.instance.failure().map(|e| match e.status {
