@@ -821,20 +821,15 @@ impl Acknowledger for Payload {
         if self.settle.attempt >= self.settle.max_deliveries {
             return self.dead_letter(error).await;
         }
-        if let Some(returner) = self.returner.take() {
+        if let Some(returner) = &self.returner {
+            let (sender, generation, index) =
+                (returner.sender.clone(), returner.generation, returner.index);
             let returned = Returned {
-                generation: returner.generation,
-                index: returner.index,
-                payload: Payload {
-                    settle: self.settle,
-                    data: self.data,
-                    returner: Some(Returner {
-                        sender: returner.sender.clone(),
-                        ..returner
-                    }),
-                },
+                generation,
+                index,
+                payload: *self,
             };
-            return match returner.sender.send(returned) {
+            return match sender.send(returned) {
                 Ok(()) => Ok(()),
                 // The subscription is gone: the broker takes it back.
                 Err(mpsc::error::SendError(returned)) => {

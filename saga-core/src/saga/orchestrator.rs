@@ -76,6 +76,9 @@ impl OrchestratorConfig {
     }
 }
 
+/// How long the transport's last health-check answer stands.
+const REACHABILITY_TTL: Duration = Duration::from_secs(1);
+
 /// Options of [`Orchestrator::start_with`].
 #[derive(Clone, Debug, Default)]
 pub struct StartOptions {
@@ -128,7 +131,7 @@ impl<S: Store + Clone> OrchestratorBuilder<S> {
                 config: self.config,
                 owner,
                 definitions: self.definitions,
-                reachable: tokio::sync::Mutex::default(),
+                reachable: std::sync::Mutex::default(),
             }),
         }
     }
@@ -174,7 +177,7 @@ struct Inner<S: Store> {
     owner: String,
     definitions: HashMap<String, Arc<dyn ErasedDefinition<S::Tx>>>,
     /// The last answer of the transport's health check, and when it came.
-    reachable: tokio::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
+    reachable: std::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
 }
 
 /// Why running a step's code did not produce a transition.
@@ -515,7 +518,7 @@ impl<S: Store + Clone> Orchestrator<S> {
             if store.is_pending(&mut tx, command).await? {
                 let why = "the command has not left the outbox yet (its publish is retrying)";
                 postponed(&mut saga, &*definition, why, now);
-            } else if let Err(unreachable) = self.transport_reachable().await {
+            } else if let Err(unreachable) = self.transport_reachable() {
                 let why = format!("the transport is unreachable ({unreachable})");
                 postponed(&mut saga, &*definition, &why, now);
             } else {
@@ -602,18 +605,15 @@ impl<S: Store + Clone> Orchestrator<S> {
         Ok(())
     }
 
-    /// Whether the transport answers now ([`Transport::check`]), asked at
-    /// most once per poll interval; the error says why not.
-    async fn transport_reachable(&self) -> Result<(), String> {
-        let ttl = self
-            .inner
-            .config
-            .poll_interval
-            .max(Duration::from_millis(100));
-        if let Some((at, answer)) = self.inner.reachable.lock().await.as_ref()
-            && at.elapsed() < ttl
-        {
-            return answer.clone();
+    /// Asks the transport whether it answers ([`Transport::check`]), at
+    /// most once a second: the poller calls it before driving due sagas, so
+    /// that a deadline never waits on the broker inside a transaction.
+    async fn refresh_reachability(&self) {
+        let fresh = self
+            .reachability_cache()
+            .is_some_and(|(at, _)| at.elapsed() < REACHABILITY_TTL);
+        if fresh {
+            return;
         }
         let answer = self
             .inner
@@ -621,8 +621,26 @@ impl<S: Store + Clone> Orchestrator<S> {
             .check()
             .await
             .map_err(|e| e.to_string());
-        *self.inner.reachable.lock().await = Some((tokio::time::Instant::now(), answer.clone()));
-        answer
+        *self
+            .inner
+            .reachable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((tokio::time::Instant::now(), answer));
+    }
+
+    /// The transport's last answer; reachable while it was never asked.
+    fn transport_reachable(&self) -> Result<(), String> {
+        self.reachability_cache()
+            .map_or(Ok(()), |(_, answer)| answer)
+    }
+
+    fn reachability_cache(&self) -> Option<(tokio::time::Instant, Result<(), String>)> {
+        self.inner
+            .reachable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn address_command(&self, saga: &SagaInstance, phase: Phase, message: &mut Message) {
@@ -668,6 +686,9 @@ impl<S: Store + Clone> Orchestrator<S> {
             let full = match claimed {
                 Ok(ids) => {
                     let full = ids.len() >= config.batch_size;
+                    if !ids.is_empty() {
+                        self.refresh_reachability().await;
+                    }
                     for id in ids {
                         if let Err(error) = self.drive(id).await {
                             tracing::warn!(saga = %id, %error, "advancing a due saga failed; it stays due");
