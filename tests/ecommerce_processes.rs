@@ -1,18 +1,33 @@
-//! The e-commerce example as three processes (order, stock, payment) on
-//! PostgreSQL and Redis Streams, orchestrated and choreographed. While 500 orders go in over HTTP, a random
-//! service is SIGKILLed and started again, several times. Afterwards, read
-//! straight from the three databases: no order is PENDING, and stock and
-//! money add up exactly (scenario 8's invariants).
+//! The e-commerce example as processes (order, stock, payment, two
+//! instances of each) on PostgreSQL, over Redis Streams (orchestrated and
+//! choreographed), RabbitMQ and Kafka: the process-level fault campaign.
+//! While 500 orders go in over HTTP, random instances are SIGKILLed and
+//! started again, the broker goes away for 15 s (a Redis server of the
+//! campaign's own paused, then SIGKILLed and restarted on its fsynced
+//! append-only file; RabbitMQ stopped and started; a Kafka broker of the
+//! campaign's own SIGKILLed and restarted on its durable storage), and a
+//! service's database goes away for 5 s as in a restart (its connections
+//! terminated, new ones refused). Afterwards, read straight from the three
+//! databases: no order is PENDING and no saga RUNNING or COMPENSATING,
+//! stock and money add up exactly (scenario 8's invariants: nothing
+//! applied twice or left applied), and every outbox drained with nothing
+//! dead. A consumer group of the test's own, subscribed before the first
+//! order, checks from the broker that every published message arrived and
+//! that each service's messages of one ordering key came in outbox order.
+//! `SAGA_CAMPAIGN_ORDERS`, `SAGA_CAMPAIGN_KILLS`, `SAGA_CAMPAIGN_OUTAGE_SECS`
+//! and `SAGA_CAMPAIGN_SEED` scale it up or repeat a run (see `campaign`).
 //!
 //! Runs the example binary that `cargo test` builds
 //! (`target/<profile>/examples/ecommerce`).
 
-use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::collections::{HashMap, HashSet};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use saga::sql::sqlx::{self, PgPool, Row};
-use saga_core::testing::{free_port, unavailable, unique};
+use saga::{MessageId, Transport};
+use saga_core::testing::{Process, free_port, unavailable, unique, until_up};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ORDERS: usize = 500;
@@ -20,8 +35,22 @@ const KILLS: usize = 5;
 
 #[path = "support/example.rs"]
 mod example;
+#[path = "../saga-kafka/tests/support/nisshi.rs"]
+mod nisshi;
+/// (Its servers that keep nothing are for saga-redis's own test.)
+#[allow(dead_code)]
+#[path = "../saga-redis/tests/support/redis_server.rs"]
+mod redis_server;
+/// For the channels the services use (`shop::CHANNELS`); the services
+/// themselves run as the example's processes.
+#[allow(dead_code)]
+#[path = "../examples/ecommerce/shop.rs"]
+mod shop;
 
 use example::example_binary;
+use nisshi::Nisshi;
+use redis_server::{Keeps, RedisServer};
+use shop::CHANNELS;
 
 /// One HTTP/1.1 request; `None` when the service cannot be reached.
 async fn http(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, serde_json::Value)> {
@@ -44,48 +73,61 @@ async fn http(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, s
     ))
 }
 
+/// One instance of a service: the example binary as `service <name>`.
 struct Service {
     name: &'static str,
     port: u16,
-    args: Vec<String>,
-    child: Option<Child>,
+    process: Process,
 }
 
 impl Service {
+    /// `service <name> <args…>`, with `env` set.
+    fn new(name: &'static str, args: Vec<String>, env: Vec<(&'static str, String)>) -> Self {
+        let command = ["service", name].into_iter().map(String::from);
+        Self::running(name, command.chain(args).collect(), env)
+    }
+
+    /// `serve <args…>`: every service and route on one listener.
+    fn all(args: Vec<String>) -> Self {
+        let command = std::iter::once("serve".to_owned());
+        Self::running("all", command.chain(args).collect(), Vec::new())
+    }
+
+    fn running(name: &'static str, args: Vec<String>, env: Vec<(&'static str, String)>) -> Self {
+        let port = free_port();
+        let process = Process::new(move || {
+            let mut command = Command::new(example_binary());
+            command
+                .args(&args)
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            command
+        });
+        Self {
+            name,
+            port,
+            process,
+        }
+    }
+
     fn spawn(&mut self) {
-        let child = Command::new(example_binary())
-            .args(["service", self.name])
-            .args(&self.args)
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the example binary starts");
-        self.child = Some(child);
+        self.process.start();
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     async fn until_healthy(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Some((200, _)) = http(self.port, "GET", "/health", "").await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the {} service did not come up", self.name);
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.kill();
+        let port = self.port;
+        until_up(
+            &format!("the {} service", self.name),
+            Duration::from_secs(60),
+            || async move { matches!(http(port, "GET", "/health", "").await, Some((200, _))) },
+        )
+        .await;
     }
 }
 
@@ -105,33 +147,382 @@ async fn call(port: u16, method: &str, path: &str, body: &str) -> (u16, serde_js
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_killed_with_sigkill_lose_nothing() {
-    sigkill_services("orchestration").await;
+    campaign("orchestration", Broker::Redis).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn choreographed_services_killed_with_sigkill_lose_nothing() {
-    sigkill_services("choreography").await;
+    campaign("choreography", Broker::Redis).await;
 }
 
-/// One test at a time: each loads the machine with three processes.
+#[cfg(feature = "amqp")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_over_rabbitmq_lose_nothing_through_kills_and_outages() {
+    campaign("orchestration", Broker::RabbitMq).await;
+}
+
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_over_kafka_lose_nothing_through_kills_and_outages() {
+    campaign("orchestration", Broker::Kafka).await;
+}
+
+/// One test at a time: each loads the machine with six processes, and
+/// stops the broker or a database for a while.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn sigkill_services(mode: &str) {
+/// The broker the services talk through, and how the campaign takes it
+/// away for a while.
+#[derive(Clone, Copy, Debug)]
+enum Broker {
+    /// A server of the campaign's own with an fsynced append-only file:
+    /// paused (`CLIENT PAUSE … ALL`: every command waits, as with a server
+    /// that stopped answering) for half the outage, then SIGKILLed and
+    /// started again after the other half.
+    Redis,
+    /// `rabbitmqctl stop_app`, then `start_app`: connections drop and are
+    /// refused meanwhile, and the queues come back from disk.
+    RabbitMq,
+    /// A broker of the campaign's own on durable storage (the shared one
+    /// keeps its data in memory), SIGKILLed and started again after the
+    /// outage.
+    Kafka,
+}
+
+/// A broker process of the campaign's own, which it can SIGKILL and start
+/// again with what it acknowledged kept.
+enum Own {
+    Redis(RedisServer),
+    Kafka(Nisshi),
+}
+
+impl Own {
+    /// What tells the services where it is.
+    fn env(&self) -> (&'static str, String) {
+        match self {
+            Self::Redis(server) => ("REDIS_URL", server.url()),
+            Self::Kafka(broker) => ("KAFKA_BROKERS", broker.address()),
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            Self::Redis(server) => server.kill(),
+            Self::Kafka(broker) => broker.kill(),
+        }
+    }
+
+    async fn restart(&mut self) {
+        match self {
+            Self::Redis(server) => server.restart().await,
+            Self::Kafka(broker) => broker.restart().await,
+        }
+    }
+}
+
+impl Broker {
+    fn arg(self) -> &'static str {
+        match self {
+            Self::Redis => "redis",
+            Self::RabbitMq => "amqp",
+            Self::Kafka => "kafka",
+        }
+    }
+
+    /// Starts the broker of the campaign's own, if it has one: `Err` (after
+    /// [`unavailable`]) when it cannot.
+    async fn start(self) -> Result<Option<Own>, ()> {
+        match self {
+            Self::Redis => RedisServer::start(Keeps::Everything)
+                .await
+                .map(|s| Some(Own::Redis(s))),
+            Self::Kafka => Nisshi::start().await.map(|b| Some(Own::Kafka(b))),
+            Self::RabbitMq => {
+                let address = "127.0.0.1:5672";
+                match tokio::net::TcpStream::connect(address).await {
+                    Ok(_) => Some(None),
+                    Err(error) => unavailable(&format!("RabbitMQ at {address}"), error),
+                }
+            }
+        }
+        .ok_or(())
+    }
+
+    /// Takes the broker away for `outage`, then brings it back.
+    async fn outage(self, outage: Duration, own: Option<&mut Own>) {
+        match (self, own) {
+            (Self::Redis, Some(own)) => {
+                let url = own.env().1;
+                let half = outage / 2;
+                let millis = half.as_millis().to_string();
+                run(
+                    "redis-cli",
+                    &["-u", &url, "CLIENT", "PAUSE", &millis, "ALL"],
+                );
+                tokio::time::sleep(half).await;
+                own.kill();
+                tokio::time::sleep(outage.saturating_sub(half)).await;
+                own.restart().await;
+            }
+            (Self::RabbitMq, _) => {
+                run("rabbitmqctl", &["stop_app"]);
+                tokio::time::sleep(outage).await;
+                run("rabbitmqctl", &["start_app"]);
+                run("rabbitmqctl", &["await_startup"]);
+            }
+            (Self::Kafka, Some(own)) => {
+                own.kill();
+                tokio::time::sleep(outage).await;
+                own.restart().await;
+            }
+            (broker, None) => panic!("{broker:?} runs on a broker of the campaign's own"),
+        }
+    }
+
+    /// A transport of the test's own on the services' channels.
+    async fn connect(self, prefix: &str, own: Option<&Own>) -> Arc<dyn Transport> {
+        let transport: saga::Result<Arc<dyn Transport>> = match (self, own) {
+            (Self::Redis, Some(own)) => saga::redis::RedisTransport::connect(
+                saga::redis::RedisConfig::from_env()
+                    .url(own.env().1)
+                    .prefix(prefix),
+            )
+            .await
+            .map(|t| Arc::new(t) as Arc<dyn Transport>),
+            #[cfg(feature = "amqp")]
+            (Self::RabbitMq, _) => saga::amqp::AmqpTransport::connect(
+                saga::amqp::AmqpConfig::from_env().prefix(prefix),
+            )
+            .await
+            .map(|t| Arc::new(t) as Arc<dyn Transport>),
+            #[cfg(feature = "kafka")]
+            (Self::Kafka, Some(own)) => saga::kafka::KafkaTransport::connect(
+                saga::kafka::KafkaConfig::from_env()
+                    .brokers(own.env().1)
+                    .prefix(prefix),
+            )
+            .await
+            .map(|t| Arc::new(t) as Arc<dyn Transport>),
+            #[allow(unreachable_patterns)]
+            (other, _) => panic!("this test build cannot connect to {other:?}"),
+        };
+        transport.unwrap_or_else(|e| panic!("the test connects to {self:?}: {e}"))
+    }
+}
+
+/// A consumer group of the test's own on every channel, subscribed before
+/// the first order: what it receives is what the broker holds.
+const AUDIT_GROUP: &str = "campaign-audit";
+
+/// The message ids the audit group received, first deliveries in the order
+/// they came (a redelivery is not listed again).
+#[derive(Default)]
+struct Audited {
+    order: Vec<MessageId>,
+    seen: HashSet<MessageId>,
+}
+
+/// Consumes [`AUDIT_GROUP`] on every channel until dropped.
+fn audit(transport: &Arc<dyn Transport>) -> (Arc<Mutex<Audited>>, tokio::task::JoinHandle<()>) {
+    let audited = Arc::new(Mutex::new(Audited::default()));
+    let (transport, record) = (Arc::clone(transport), Arc::clone(&audited));
+    let task = tokio::spawn(async move {
+        let channels = CHANNELS.map(String::from);
+        let mut subscription = loop {
+            match transport.subscribe(AUDIT_GROUP, &channels).await {
+                Ok(subscription) => break subscription,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        };
+        loop {
+            match subscription.next().await {
+                Ok(delivery) => {
+                    let id = delivery.message.id;
+                    {
+                        let mut audited = record.lock().unwrap();
+                        if audited.seen.insert(id) {
+                            audited.order.push(id);
+                        }
+                    }
+                    let _ = delivery.ack().await;
+                }
+                // The broker is away: the subscription reconnects itself.
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    (audited, task)
+}
+
+/// One published outbox row: which service wrote it, its key and its place
+/// in that service's outbox.
+struct Published {
+    service: &'static str,
+    key: Option<String>,
+    seq: i64,
+}
+
+/// Every message the services' outboxes published reached the audit group
+/// (waits up to a minute for the last ones), and per service and ordering
+/// key their first deliveries came in outbox order. Returns how many.
+async fn check_broker_saw_everything_in_order(
+    outboxes: &[(&'static str, &PgPool)],
+    audited: &Mutex<Audited>,
+    faults: &[String],
+) -> usize {
+    let mut published: HashMap<MessageId, Published> = HashMap::new();
+    for (service, pool) in outboxes {
+        let rows = sqlx::query(
+            "SELECT message_id, ordering_key, seq FROM saga.saga_outbox \
+             WHERE published_at IS NOT NULL",
+        )
+        .fetch_all(*pool)
+        .await
+        .unwrap();
+        for row in rows {
+            let id = MessageId::from_uuid(row.get("message_id"));
+            published.insert(
+                id,
+                Published {
+                    service,
+                    key: row.get("ordering_key"),
+                    seq: row.get("seq"),
+                },
+            );
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let missing = loop {
+        let missing: Vec<MessageId> = {
+            let audited = audited.lock().unwrap();
+            published
+                .keys()
+                .filter(|id| !audited.seen.contains(*id))
+                .copied()
+                .collect()
+        };
+        if missing.is_empty() || Instant::now() >= deadline {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        missing.is_empty(),
+        "{} of {} published messages never reached the broker's audit group (first: {:?}) after {faults:?}",
+        missing.len(),
+        published.len(),
+        missing.first()
+    );
+    let audited = audited.lock().unwrap();
+    let mut last: HashMap<(&str, &str), (i64, MessageId)> = HashMap::new();
+    for id in &audited.order {
+        let Some(Published {
+            service,
+            key: Some(key),
+            seq,
+        }) = published.get(id)
+        else {
+            continue;
+        };
+        if let Some((before, before_id)) = last.insert((service, key), (*seq, *id)) {
+            assert!(
+                before < *seq,
+                "{service}'s messages of key {key} came out of order: {id} (seq {seq}) after {before_id} (seq {before}) after {faults:?}"
+            );
+        }
+    }
+    published.len()
+}
+
+fn run(program: &str, args: &[&str]) {
+    let status = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("{program} runs: {e}"));
+    assert!(status.success(), "{program} {args:?} failed");
+}
+
+/// The database of one service refuses connections for `outage`, and the
+/// ones it had are cut, as during a restart.
+async fn database_outage(admin: &PgPool, database: &str, outage: Duration) {
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false"
+    ))
+    .execute(admin)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(database)
+        .execute(admin)
+        .await
+        .unwrap();
+    tokio::time::sleep(outage).await;
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
+    ))
+    .execute(admin)
+    .await
+    .unwrap();
+}
+
+/// Says, when a campaign fails, that its databases stay for inspection
+/// (they are dropped when it passes) and how to drop them.
+struct LeftForInspection(String);
+
+impl Drop for LeftForInspection {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let instance = &self.0;
+            eprintln!(
+                "the campaign's databases {instance}_orders, _stock and _payment stay for \
+                 inspection; drop them with: for s in orders stock payment; do psql \
+                 postgres://postgres@127.0.0.1:5432/postgres -c \
+                 \"DROP DATABASE {instance}_$s WITH (FORCE)\"; done"
+            );
+        }
+    }
+}
+
+/// A number from the environment, or `default`.
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The e-commerce services as processes, two instances of each (so two
+/// orchestrators and two relays per service), on PostgreSQL and `broker`.
+/// While the orders go in over HTTP: SIGKILLs of random instances, a
+/// broker outage and a database outage. Afterwards, from the databases: no
+/// order PENDING, stock and money exact, every outbox drained with nothing
+/// dead.
+///
+/// `SAGA_CAMPAIGN_ORDERS` (default 500), `SAGA_CAMPAIGN_KILLS` (default 6)
+/// and `SAGA_CAMPAIGN_OUTAGE_SECS` (default 15) scale it up;
+/// `SAGA_CAMPAIGN_SEED` repeats a fault schedule (the faults say theirs).
+async fn campaign(mode: &str, broker: Broker) {
     let _turn = ONE_AT_A_TIME.lock().await;
     example_binary();
+    let orders = usize::try_from(setting("SAGA_CAMPAIGN_ORDERS", ORDERS as u64)).unwrap();
+    let kills = usize::try_from(setting("SAGA_CAMPAIGN_KILLS", KILLS as u64)).unwrap();
+    let outage = Duration::from_secs(setting("SAGA_CAMPAIGN_OUTAGE_SECS", 15));
     let server = std::env::var("ECOMMERCE_POSTGRES")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    if let Err(error) = PgPool::connect(&format!("{server}/postgres")).await {
-        return unavailable("PostgreSQL", error).unwrap_or(());
-    }
-    let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    if let Err(error) = redis_reachable(&redis_url).await {
-        return unavailable("Redis", error).unwrap_or(());
-    }
+    let admin = match PgPool::connect(&format!("{server}/postgres")).await {
+        Ok(admin) => admin,
+        Err(error) => return unavailable("PostgreSQL", error).unwrap_or(()),
+    };
+    let Ok(mut own) = broker.start().await else {
+        return;
+    };
+    let env: Vec<(&'static str, String)> = own.iter().map(Own::env).collect();
     let instance = unique("shop").replace('-', "_");
+    let _left = LeftForInspection(instance.clone());
     let args = vec![
         "--transport".to_owned(),
-        "redis".to_owned(),
+        broker.arg().to_owned(),
         "--database-url".to_owned(),
         server.clone(),
         "--instance".to_owned(),
@@ -139,24 +530,24 @@ async fn sigkill_services(mode: &str) {
         "--mode".to_owned(),
         mode.to_owned(),
     ];
-    let mut services: Vec<Service> = ["order", "stock", "payment"]
+    // order, stock, payment, then their second instances.
+    let mut services: Vec<Service> = ["order", "stock", "payment", "order", "stock", "payment"]
         .into_iter()
-        .map(|name| Service {
-            name,
-            port: free_port(),
-            args: args.clone(),
-            child: None,
-        })
+        .map(|name| Service::new(name, args.clone(), env.clone()))
         .collect();
-    for service in &mut services {
-        service.spawn();
+    // The first instances create the databases; the second join them.
+    for half in [0..3, 3..6] {
+        for service in &mut services[half.clone()] {
+            service.spawn();
+        }
+        for service in &services[half] {
+            service.until_healthy().await;
+        }
     }
-    for service in &services {
-        service.until_healthy().await;
-    }
-    let (order_port, stock_port, payment_port) =
-        (services[0].port, services[1].port, services[2].port);
-
+    let transport = broker.connect(&format!("{instance}."), own.as_ref()).await;
+    let (audited, audit_task) = audit(&transport);
+    let order_ports = [services[0].port, services[3].port];
+    let (stock_port, payment_port) = (services[1].port, services[2].port);
     let products: Vec<(String, i64, &str)> = (0..5)
         .map(|i| {
             (
@@ -188,38 +579,47 @@ async fn sigkill_services(mode: &str) {
         );
     }
 
-    // Place the orders from two tasks while the main task kills services.
+    // Place the orders from two tasks, one per order instance, while the
+    // main task injects the faults.
     let mut placers = Vec::new();
     for part in 0..2 {
         let customers = customers.clone();
         let products: Vec<String> = products.iter().map(|p| p.0.clone()).collect();
+        let port = order_ports[part as usize];
         placers.push(tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(part);
-            for n in (part as usize..ORDERS).step_by(2) {
+            for n in (part as usize..orders).step_by(2) {
                 let customer = &customers[n % customers.len()].0;
                 let product = &products[rng.usize(..products.len())];
                 let body = format!(
                     r#"{{"customer_id": "{customer}", "items": [{{"product_id": "{product}", "quantity": {}}}]}}"#,
                     rng.i64(1..=3)
                 );
-                let (status, _) = call(order_port, "POST", "/orders", &body).await;
+                let (status, _) = call(port, "POST", "/orders", &body).await;
                 assert_eq!(status, 201, "an order was refused");
             }
         }));
     }
-    let mut rng = fastrand::Rng::with_seed(42);
-    let mut killed = Vec::new();
-    let first = rng.usize(..3);
-    for kill in 0..KILLS {
+    let seed = setting("SAGA_CAMPAIGN_SEED", fastrand::u64(..));
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut faults = vec![format!("seed {seed}")];
+    let broker_outage_at = kills / 2;
+    for kill in 0..kills {
         tokio::time::sleep(Duration::from_millis(rng.u64(300..1200))).await;
-        // Each service once, in a random rotation, then at random.
-        let index = if kill < 3 {
-            (first + kill) % 3
-        } else {
-            rng.usize(..3)
-        };
-        let victim = &mut services[index];
-        killed.push(victim.name);
+        if kill == broker_outage_at {
+            broker.outage(outage, own.as_mut()).await;
+            faults.push(format!("{broker:?} away {outage:?}"));
+        }
+        if kill == broker_outage_at + 1 {
+            let database = format!(
+                "{instance}_{}",
+                ["orders", "stock", "payment"][rng.usize(..3)]
+            );
+            database_outage(&admin, &database, Duration::from_secs(5)).await;
+            faults.push(format!("{database} away 5s"));
+        }
+        let victim = &mut services[rng.usize(..6)];
+        faults.push(format!("SIGKILL {}", victim.name));
         victim.kill();
         tokio::time::sleep(Duration::from_millis(rng.u64(100..800))).await;
         victim.spawn();
@@ -228,7 +628,6 @@ async fn sigkill_services(mode: &str) {
     for placer in placers {
         placer.await.unwrap();
     }
-
     // Read the databases themselves.
     let database = |service: &str| format!("{server}/{instance}_{service}");
     let orders_db = PgPool::connect(&database("orders")).await.unwrap();
@@ -248,12 +647,12 @@ async fn sigkill_services(mode: &str) {
     assert_eq!(
         statuses.get("PENDING"),
         None,
-        "orders left PENDING: {statuses:?}"
+        "orders left PENDING: {statuses:?} after {faults:?}"
     );
     let placed: i64 = statuses.values().sum();
     assert!(
-        placed >= ORDERS as i64,
-        "{placed} orders stored for {ORDERS} accepted"
+        placed >= orders as i64,
+        "{placed} orders stored for {orders} accepted"
     );
 
     let confirmed = sqlx::query(
@@ -284,12 +683,12 @@ async fn sigkill_services(mode: &str) {
         assert_eq!(
             available + reserved,
             *initial,
-            "{id}: stock appeared or vanished"
+            "{id}: stock appeared or vanished after {faults:?}"
         );
         assert_eq!(
             reserved,
             units.get(id).copied().unwrap_or(0),
-            "{id}: reserved != confirmed units"
+            "{id}: reserved != confirmed units after {faults:?}"
         );
     }
     let payment_db = PgPool::connect(&database("payment")).await.unwrap();
@@ -303,10 +702,67 @@ async fn sigkill_services(mode: &str) {
         assert_eq!(
             balance + spent.get(id).copied().unwrap_or(0),
             *initial,
-            "{id}: money appeared or vanished"
+            "{id}: money appeared or vanished after {faults:?}"
         );
     }
-    eprintln!("{mode}: {statuses:?} after SIGKILLs of {killed:?}");
+    for (service, pool) in [
+        ("orders", &orders_db),
+        ("stock", &stock_db),
+        ("payment", &payment_db),
+    ] {
+        let store = saga::sql::PostgresStore::with_schema(pool.clone(), "saga").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let stats = loop {
+            let stats = saga::OutboxStore::stats(&store).await.unwrap();
+            if stats.pending == 0 || Instant::now() >= deadline {
+                break stats;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        assert_eq!(
+            (stats.pending, stats.dead),
+            (0, 0),
+            "{service}: the outbox drains and dead-letters nothing after {faults:?}"
+        );
+    }
+    let sagas = sqlx::query("SELECT state, count(*) AS n FROM saga.saga_instances GROUP BY state")
+        .fetch_all(&orders_db)
+        .await
+        .unwrap();
+    let sagas: HashMap<String, i64> = sagas.iter().map(|r| (r.get("state"), r.get("n"))).collect();
+    for state in ["RUNNING", "COMPENSATING"] {
+        assert!(
+            !sagas.contains_key(state),
+            "sagas left {state}: {sagas:?} after {faults:?}"
+        );
+    }
+    let unexplained: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM saga.saga_instances \
+         WHERE state = 'FAILED' AND (error IS NULL OR error = '')",
+    )
+    .fetch_one(&orders_db)
+    .await
+    .unwrap();
+    assert_eq!(unexplained, 0, "FAILED sagas without a reason: {sagas:?}");
+    let published = check_broker_saw_everything_in_order(
+        &[
+            ("orders", &orders_db),
+            ("stock", &stock_db),
+            ("payment", &payment_db),
+        ],
+        &audited,
+        &faults,
+    )
+    .await;
+    eprintln!(
+        "{mode} over {broker:?}: orders {statuses:?}, sagas {sagas:?}, {published} messages \
+         all received in order per key, after {faults:?}"
+    );
+    audit_task.abort();
+    let _ = audit_task.await;
+    let _ = transport
+        .delete_channels(&CHANNELS.map(String::from), &[AUDIT_GROUP.to_owned()])
+        .await;
 
     for service in &mut services {
         service.kill();
@@ -314,28 +770,13 @@ async fn sigkill_services(mode: &str) {
     for pool in [orders_db, stock_db, payment_db] {
         pool.close().await;
     }
-    if let Ok(admin) = PgPool::connect(&format!("{server}/postgres")).await {
-        for service in ["orders", "stock", "payment"] {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS \"{instance}_{service}\" WITH (FORCE)"
-            ))
-            .execute(&admin)
-            .await;
-        }
+    for service in ["orders", "stock", "payment"] {
+        let _ = sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS \"{instance}_{service}\" WITH (FORCE)"
+        ))
+        .execute(&admin)
+        .await;
     }
-}
-
-async fn redis_reachable(url: &str) -> Result<(), String> {
-    let address = url
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .unwrap_or("127.0.0.1:6379")
-        .to_owned();
-    tokio::net::TcpStream::connect(address)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
 }
 
 /// The HTTP API as documented: status codes, error bodies naming the field,
@@ -343,24 +784,12 @@ async fn redis_reachable(url: &str) -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_api_answers_as_documented() {
     let dir = std::env::temp_dir().join(unique("saga-ecommerce-http"));
-    let mut shop = Service {
-        name: "all",
-        port: free_port(),
-        args: vec![
-            "--database-url".into(),
-            format!("sqlite://{}", dir.display()),
-        ],
-        child: None,
-    };
-    // `serve`, not `service NAME`: every route on one listener, in memory.
-    let child = Command::new(example_binary())
-        .arg("serve")
-        .args(&shop.args)
-        .args(["--listen", &format!("127.0.0.1:{}", shop.port)])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("the example binary starts");
-    shop.child = Some(child);
+    // Every route on one listener, over the in-memory transport.
+    let mut shop = Service::all(vec![
+        "--database-url".into(),
+        format!("sqlite://{}", dir.display()),
+    ]);
+    shop.spawn();
     shop.until_healthy().await;
     let port = shop.port;
 

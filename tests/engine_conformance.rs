@@ -18,7 +18,9 @@ fn relay(store: MemoryStore, transport: Arc<dyn Transport>) -> Worker {
     Relay::new(
         store,
         transport,
-        RelayConfig::default().poll_interval(Duration::from_millis(20)),
+        RelayConfig::default()
+            .poll_interval(Duration::from_millis(20))
+            .lease(Duration::from_secs(2)),
     )
     .spawn()
 }

@@ -3,11 +3,17 @@
 //! Each case starts up to five sagas, each with a random plan (a step that
 //! refuses, steps that fail transiently, compensations that fail, a step that
 //! answers after its deadline), and runs them while the transport duplicates,
-//! loses acks, reorders and delays messages, goes down for a while, and while
-//! the orchestrator and relays are killed and restarted. Once the faults stop,
-//! every saga must end COMPLETED, COMPENSATED or FAILED as its plan says, no
-//! effect may be applied twice, compensations must run in exact reverse
-//! order, and no message may be lost or dead-lettered.
+//! loses acks, reorders and delays messages, fails publishes, goes down for
+//! up to three minutes (three step deadlines), while a service's database is
+//! down for up to 20 s, and while the orchestrator, the participants and the
+//! relays are killed and restarted. Every setting
+//! is the library's default: step deadlines and attempts, relay retries and
+//! leases, the transport's delivery limit, the consumers' retries. Once the
+//! faults stop, every saga must end COMPLETED, COMPENSATED or FAILED as its
+//! plan says (FAILED with the compensation that failed), no effect may be
+//! applied twice, compensations must run in exact reverse order, no outbox
+//! may dead-letter anything, and every dead letter on the broker must be a
+//! message its consumer had processed.
 //!
 //! Runs on tokio's paused clock, so deadlines and backoffs cost no real time.
 //! `SAGA_PROPTEST_CASES` sets the number of cases (default 1000).
@@ -31,7 +37,7 @@ fn plan() -> impl Strategy<Value = Plan> {
     (
         prop_oneof![3 => Just(None), 2 => (1u32..=3).prop_map(Some)],
         prop::collection::btree_map(1u32..=3, 0u32..=3, 0..=2),
-        prop::collection::btree_map(0u32..=2, 0u32..=5, 0..=2),
+        prop::collection::btree_map(0u32..=2, prop_oneof![4 => 0u32..=3, 1 => 9u32..=11], 0..=2),
         prop_oneof![5 => Just(None), 1 => (1u32..=3).prop_map(Some)],
     )
         .prop_map(
@@ -47,8 +53,11 @@ fn plan() -> impl Strategy<Value = Plan> {
 #[derive(Clone, Debug)]
 enum Event {
     CrashOrchestrator,
+    CrashParticipant(usize),
     CrashRelay(usize),
     Outage(Duration),
+    /// A service's database restarts: 0 is the orchestrator's, 1..=3 the participants'.
+    DatabaseOutage(usize, Duration),
 }
 
 #[derive(Clone, Debug)]
@@ -62,37 +71,40 @@ struct Chaos {
 fn chaos() -> impl Strategy<Value = Chaos> {
     let event = prop_oneof![
         Just(Event::CrashOrchestrator),
+        (0usize..3).prop_map(Event::CrashParticipant),
         (0usize..4).prop_map(Event::CrashRelay),
-        (100u64..3000).prop_map(|ms| Event::Outage(Duration::from_millis(ms))),
+        (100u64..180_000).prop_map(|ms| Event::Outage(Duration::from_millis(ms))),
+        (0usize..4, 100u64..20_000)
+            .prop_map(|(store, ms)| Event::DatabaseOutage(store, Duration::from_millis(ms))),
     ];
     (
-        0.0..0.5f64,
-        0.0..0.3f64,
+        (0.0..0.5f64, 0.0..0.3f64, 0.0..0.3f64),
         any::<bool>(),
         0u64..50,
         any::<u64>(),
-        prop::collection::vec((0u64..5000, event), 0..4),
+        prop::collection::vec((0u64..5000, event), 0..5),
     )
-        .prop_map(|(duplicate, lose_ack, reorder, delay, seed, mut events)| {
-            events.sort_by_key(|(at, _)| *at);
-            Chaos {
-                faults: Faults {
-                    duplicate,
-                    lose_ack,
-                    reorder,
-                    delay: Some((Duration::ZERO, Duration::from_millis(delay))),
-                    publish_failure: 0.0,
-                },
-                seed,
-                events,
-            }
-        })
+        .prop_map(
+            |((duplicate, lose_ack, publish_failure), reorder, delay, seed, mut events)| {
+                events.sort_by_key(|(at, _)| *at);
+                Chaos {
+                    faults: Faults {
+                        duplicate,
+                        lose_ack,
+                        reorder,
+                        delay: Some((Duration::ZERO, Duration::from_millis(delay))),
+                        publish_failure,
+                    },
+                    seed,
+                    events,
+                }
+            },
+        )
 }
 
 fn run(plans: &[Plan], chaos: &Chaos) -> Result<(), String> {
     common::paused_runtime().block_on(async {
         let transport = MemoryTransport::new(MemoryTransportConfig {
-            max_deliveries: 1000,
             faults: chaos.faults.clone(),
             seed: chaos.seed,
             ..MemoryTransportConfig::default()
@@ -114,13 +126,17 @@ fn run(plans: &[Plan], chaos: &Chaos) -> Result<(), String> {
             tokio::time::sleep_until(started + Duration::from_millis(*at)).await;
             match event {
                 Event::CrashOrchestrator => world.crash_orchestrator().await,
+                Event::CrashParticipant(index) => world.crash_participant(*index).await,
                 Event::CrashRelay(index) => world.crash_relay(*index).await,
                 Event::Outage(duration) => transport.outage(*duration),
+                Event::DatabaseOutage(store, duration) => world.stores()[*store].outage(*duration),
             }
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
         transport.set_faults(Faults::default());
-        world.wait_terminal(&ids, Duration::from_secs(1800)).await;
+        world
+            .wait_terminal(&ids, Duration::from_secs(4 * 3600))
+            .await;
         world.wait_quiet().await;
         // A participant handles one command at a time: a slow answer delays
         // the other sagas' commands to it too, which may time them out. Their

@@ -83,8 +83,9 @@ fn engine<S: Store + Clone>(store: S, transport: Arc<dyn Transport>) {
 /// What the engine functions above cannot reach: deliveries, a worker's
 /// stop signal and the in-memory store's inspection helpers.
 fn core(delivery: [Delivery; 3], store: MemoryStore) {
-    let [a, b, c] = delivery;
+    let [mut a, b, c] = delivery;
     spawned(async move {
+        a.keep().await?;
         a.ack().await?;
         b.nack("later").await?;
         c.dead_letter("never").await

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use saga::{Message, OutboxEntry, Subscription, Transport, transport::Capabilities};
+use saga::{
+    DeadLetter, Message, MessageId, OutboxEntry, Subscription, Transport, transport::Capabilities,
+};
 
 /// Publishes every message twice: each consumer sees each message twice.
 pub(crate) struct Twice(pub(crate) Arc<dyn Transport>);
@@ -47,6 +49,14 @@ impl Transport for Twice {
 
     async fn delete_channels(&self, channels: &[String], groups: &[String]) -> saga::Result<()> {
         self.0.delete_channels(channels, groups).await
+    }
+
+    async fn dead_letters(&self, channel: &str, limit: usize) -> saga::Result<Vec<DeadLetter>> {
+        self.0.dead_letters(channel, limit).await
+    }
+
+    async fn replay_dead_letter(&self, channel: &str, id: MessageId) -> saga::Result<bool> {
+        self.0.replay_dead_letter(channel, id).await
     }
 
     fn dead_letter_channel(&self, channel: &str) -> String {
@@ -103,6 +113,14 @@ impl Transport for LoseFirst {
 
     async fn delete_channels(&self, channels: &[String], groups: &[String]) -> saga::Result<()> {
         self.inner.delete_channels(channels, groups).await
+    }
+
+    async fn dead_letters(&self, channel: &str, limit: usize) -> saga::Result<Vec<DeadLetter>> {
+        self.inner.dead_letters(channel, limit).await
+    }
+
+    async fn replay_dead_letter(&self, channel: &str, id: MessageId) -> saga::Result<bool> {
+        self.inner.replay_dead_letter(channel, id).await
     }
 
     fn dead_letter_channel(&self, channel: &str) -> String {

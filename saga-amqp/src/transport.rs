@@ -18,6 +18,12 @@
 //! | nack | the member hands the delivery back to itself and delivers it again before anything prefetched after it (a requeue would put it behind those, and the key's next message would overtake it); the broker keeps it unacknowledged meanwhile. Attempts = the queue's `x-delivery-count` (deliveries to members) plus the member's own nacks |
 //! | dead member, dropped delivery | RabbitMQ requeues what a closed channel held; a dropped delivery is nacked |
 //! | dead letter | published to `P<channel>.dlq` with the error, confirmed, then acked; `x-delivery-limit` backs it up for consumers that crash before they can |
+//! | dead letters listed | `basic.get` from the `P<channel>.dlq` queue without acknowledging, on a connection of its own that is then closed: the broker puts them back where they were |
+//! | dead letter replayed | found the same way, published to `P<channel>` and confirmed, then acknowledged (removed) |
+//!
+//! A delivery held while its handling is retried stays unacknowledged; the
+//! broker's `consumer_timeout` (30 minutes by default) closes a channel that
+//! holds one longer, and the message is delivered again.
 //!
 //! Headers are the CloudEvents ones of [`saga_core::wire`] as AMQP string
 //! headers; `message_id`, `type` and `content_type` are also set as AMQP
@@ -40,9 +46,9 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -50,7 +56,7 @@ use lapin::{
 };
 use saga_core::transport::{Acknowledger, Capabilities, Delivery, Subscription, Transport};
 use saga_core::wire::{self, headers};
-use saga_core::{Error, Message, OutboxEntry, Result};
+use saga_core::{DeadLetter, Error, Message, MessageId, OutboxEntry, Result};
 use tokio::sync::{Mutex, mpsc};
 
 use crate::config::AmqpConfig;
@@ -259,6 +265,51 @@ impl AmqpTransport {
         Ok(publisher.channel.clone())
     }
 
+    /// Takes messages from the dead-letter queue of `channel`, unacknowledged,
+    /// until `pick` returns true for one or the queue is empty. Returns the
+    /// connection and the channel that hold them (closing the connection
+    /// puts them back; dropping the channel would close it before the
+    /// picked one is acknowledged) and the picked message with its
+    /// acknowledger.
+    async fn read_dead_letters(
+        &self,
+        channel: &str,
+        mut pick: impl FnMut(DeadLetter) -> bool + Send,
+    ) -> Result<(Connection, Channel, Option<(DeadLetter, lapin::Acker)>)> {
+        let config = &self.inner.config;
+        let (connection, amqp_channel) = tokio::time::timeout(OPEN_TIMEOUT, open(config))
+            .await
+            .map_err(|_| {
+            Error::Unavailable(format!(
+                "RabbitMQ did not open a connection within {OPEN_TIMEOUT:?}"
+            ))
+        })??;
+        declare_channel(&amqp_channel, config, channel).await?;
+        let queue = config.exchange(&format!("{channel}.dlq"));
+        loop {
+            let Some(got) = amqp_channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .await
+                .map_err(amqp("basic.get"))?
+            else {
+                break;
+            };
+            let delivery = got.delivery;
+            match decode(&delivery.properties, delivery.data) {
+                Ok(message) => {
+                    let letter = DeadLetter::from_dead_message(message);
+                    if pick(letter.clone()) {
+                        return Ok((connection, amqp_channel, Some((letter, delivery.acker))));
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%queue, %error, "dead letter is not a message; not listed");
+                }
+            }
+        }
+        Ok((connection, amqp_channel, None))
+    }
+
     /// Deletes the queues and exchanges of `channels` on a channel of its
     /// own (an error closes an AMQP channel), and forgets having declared them.
     async fn delete(&self, channels: &[String], groups: &[String]) -> Result<()> {
@@ -398,6 +449,49 @@ impl Transport for AmqpTransport {
     /// and its dead-letter exchange and queue.
     async fn delete_channels(&self, channels: &[String], groups: &[String]) -> Result<()> {
         self.delete(channels, groups).await
+    }
+
+    async fn dead_letters(&self, channel: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+        let mut letters = Vec::new();
+        if limit == 0 {
+            return Ok(letters);
+        }
+        let (connection, _channel, _) = self
+            .read_dead_letters(channel, |letter| {
+                letters.push(letter);
+                letters.len() >= limit
+            })
+            .await?;
+        // Closing puts back every message read, unacknowledged, in place.
+        let _ = connection.close(200, "listed".into()).await;
+        Ok(letters)
+    }
+
+    async fn replay_dead_letter(&self, channel: &str, id: MessageId) -> Result<bool> {
+        let (connection, _channel, found) = self
+            .read_dead_letters(channel, |letter| letter.message.id == id)
+            .await?;
+        let replayed = match found {
+            None => Ok(false),
+            Some((letter, acker)) => match self.publish(channel, &letter.message).await {
+                Ok(()) => acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(amqp("basic.ack"))
+                    .and_then(|acked| {
+                        if acked {
+                            Ok(true)
+                        } else {
+                            Err(Error::Unavailable(format!(
+                                "the dead letter {id} was replayed, but its channel closed before it could be removed: it is still listed"
+                            )))
+                        }
+                    }),
+                Err(error) => Err(error),
+            },
+        };
+        let _ = connection.close(200, "replayed".into()).await;
+        replayed
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result, StepError};
 use crate::message::{Message, OutboxEntry};
+use crate::retry::RetryPolicy;
 use crate::saga::{LogStatus, SagaLogEntry};
 use crate::store::{Inbox, Store, open_inbox};
 use crate::transport::Transport;
@@ -133,6 +134,7 @@ struct Inner<S: Store> {
     store: S,
     transport: Arc<dyn Transport>,
     handlers: HashMap<String, Arc<dyn EventHandler<S::Tx>>>,
+    retry: RetryPolicy,
 }
 
 impl<S: Store + Clone> Clone for Inner<S> {
@@ -143,6 +145,7 @@ impl<S: Store + Clone> Clone for Inner<S> {
             store: self.store.clone(),
             transport: Arc::clone(&self.transport),
             handlers: self.handlers.clone(),
+            retry: self.retry.clone(),
         }
     }
 }
@@ -162,6 +165,7 @@ impl<S: Store + Clone> EventConsumer<S> {
                 store,
                 transport,
                 handlers: HashMap::new(),
+                retry: RetryPolicy::forever(),
             }),
         }
     }
@@ -178,6 +182,20 @@ impl<S: Store + Clone> EventConsumer<S> {
         self
     }
 
+    /// How an event whose handling failed retryably (the store or the
+    /// broker unreachable, a conflict) is tried again. The member keeps the
+    /// delivery and calls the handler again after the policy's backoff, so
+    /// later messages of its key never overtake it; once the policy's
+    /// attempts are used up, the message is dead-lettered with the last
+    /// error. The default, [`RetryPolicy::forever`] (100 ms doubling up to
+    /// 30 s), never dead-letters what an outage caused: a failure that never
+    /// passes shows as a warning per attempt and holds the member.
+    #[must_use]
+    pub fn handling_retry(mut self, policy: RetryPolicy) -> Self {
+        Arc::make_mut(&mut self.inner).retry = policy;
+        self
+    }
+
     /// Consumes events in the background.
     pub async fn spawn(&self) -> Result<Worker> {
         let this = self.clone();
@@ -186,6 +204,7 @@ impl<S: Store + Clone> EventConsumer<S> {
             &*inner.transport,
             &inner.name,
             &inner.channels,
+            inner.retry.clone(),
             move |event| {
                 let this = this.clone();
                 async move { this.handle(&event).await }

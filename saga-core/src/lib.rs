@@ -117,5 +117,5 @@ pub use saga::{
     SagaView, StartOptions, StepConfig, StepContext, StepEvent, StepOutcome, StepStatus,
 };
 pub use store::{IdempotencyStore, OutboxStore, SagaStore, Store, Transactional};
-pub use transport::{Acknowledger, Capabilities, Delivery, Subscription, Transport};
+pub use transport::{Acknowledger, Capabilities, DeadLetter, Delivery, Subscription, Transport};
 pub use worker::{StopSignal, Worker};

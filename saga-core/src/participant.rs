@@ -23,10 +23,12 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result, StepError};
 use crate::message::{Message, OutboxEntry};
 use crate::reply::{self, Reply};
+use crate::retry::RetryPolicy;
 use crate::saga::Phase;
 use crate::store::{
     IdempotencyStore, Inbox, OutboxStore, StepClaim, StepMark, Transactional, open_inbox,
@@ -41,6 +43,14 @@ pub trait CommandHandler<Tx: Send + 'static>: Send + Sync + 'static {
     /// Applies the command through `tx` and says what to reply. An error rolls
     /// back `tx` and sends a failure reply ([`StepError::retryable`] lets the
     /// orchestrator retry the step).
+    ///
+    /// A refusal ([`StepError::rejected`]) of a saga step's action is the
+    /// step's final answer: it is stored as the step's mark, and every other
+    /// attempt of that step (an earlier one delayed on the way, a later
+    /// retry) is answered with it without running the handler. Otherwise an
+    /// earlier attempt arriving after the saga turned back could apply the
+    /// step, and nothing would undo it. A retryable failure stores nothing:
+    /// the next attempt runs the handler.
     ///
     /// A compensation handler may be called for an action that never ran
     /// here (a saga older than the step marks' retention whose action was
@@ -77,6 +87,7 @@ struct Inner<S: Transactional> {
     store: S,
     transport: Arc<dyn Transport>,
     handlers: HashMap<String, Arc<dyn CommandHandler<S::Tx>>>,
+    retry: RetryPolicy,
 }
 
 impl<S: Transactional + Clone> Clone for Inner<S> {
@@ -87,6 +98,7 @@ impl<S: Transactional + Clone> Clone for Inner<S> {
             store: self.store.clone(),
             transport: Arc::clone(&self.transport),
             handlers: self.handlers.clone(),
+            retry: self.retry.clone(),
         }
     }
 }
@@ -114,6 +126,7 @@ impl<S: OutboxStore + IdempotencyStore + Clone> Participant<S> {
                 store,
                 transport,
                 handlers: HashMap::new(),
+                retry: RetryPolicy::forever(),
             }),
         }
     }
@@ -133,6 +146,20 @@ impl<S: OutboxStore + IdempotencyStore + Clone> Participant<S> {
         self
     }
 
+    /// How a command whose handling failed retryably (the store or the
+    /// broker unreachable, a conflict) is tried again. The member keeps the
+    /// delivery and calls the handler again after the policy's backoff, so
+    /// later messages of its key never overtake it; once the policy's
+    /// attempts are used up, the message is dead-lettered with the last
+    /// error. The default, [`RetryPolicy::forever`] (100 ms doubling up to
+    /// 30 s), never dead-letters what an outage caused: a failure that never
+    /// passes shows as a warning per attempt and holds the member.
+    #[must_use]
+    pub fn handling_retry(mut self, policy: RetryPolicy) -> Self {
+        Arc::make_mut(&mut self.inner).retry = policy;
+        self
+    }
+
     /// Consumes commands in the background.
     pub async fn spawn(&self) -> Result<Worker> {
         let this = self.clone();
@@ -141,6 +168,7 @@ impl<S: OutboxStore + IdempotencyStore + Clone> Participant<S> {
             &*inner.transport,
             &inner.name,
             std::slice::from_ref(&inner.channel),
+            inner.retry.clone(),
             move |command| {
                 let this = this.clone();
                 async move { this.handle(&command).await }
@@ -202,11 +230,11 @@ impl<S: OutboxStore + IdempotencyStore + Clone> Participant<S> {
                             ..
                         },
                     ) => self.run(&mut tx, &*handler, command, Some(step)).await?,
-                    // The action was applied before (an earlier attempt): answer as then.
+                    // Another attempt was applied or refused: answer as then.
                     (
                         Phase::Forward,
                         StepClaim::Existing {
-                            mark: StepMark::Applied,
+                            mark: StepMark::Applied | StepMark::Refused,
                             reply: Some(stored),
                         },
                     ) => Ok(Some(reply::readdress(&stored, command))),
@@ -240,17 +268,67 @@ impl<S: OutboxStore + IdempotencyStore + Clone> Participant<S> {
             Err(error) => {
                 // The handler's writes (and the step mark) roll back; record the failure alone.
                 drop(tx);
-                let Inbox::Fresh(tx) = open_inbox(&inner.store, &inner.name, command.id).await?
+                let Inbox::Fresh(mut tx) =
+                    open_inbox(&inner.store, &inner.name, command.id).await?
                 else {
                     return Ok(());
                 };
-                let reply = reply::failure(command, &inner.name, &error);
+                let mut reply = reply::failure(command, &inner.name, &error);
                 if reply.is_none() {
                     tracing::warn!(command = %command.id, %error, "command failed and has no reply channel");
+                }
+                if let Some(step) = step.filter(|s| s.phase == Phase::Forward && !error.retryable) {
+                    reply = self.refuse(&mut tx, &step, command, reply, now).await?;
                 }
                 self.finish(tx, command, reply).await
             }
         }
+    }
+
+    /// Makes `refusal` the step's final answer (its mark), unless another
+    /// attempt of the step committed a mark since this one's claim rolled
+    /// back: then the answer is that attempt's.
+    async fn refuse(
+        &self,
+        tx: &mut S::Tx,
+        step: &StepRef,
+        command: &Message,
+        refusal: Option<OutboxEntry>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<OutboxEntry>> {
+        let inner = &self.inner;
+        let claim = inner
+            .store
+            .claim_step(
+                tx,
+                &inner.name,
+                step.saga_id,
+                step.step,
+                StepMark::Refused,
+                now,
+            )
+            .await?;
+        Ok(match claim {
+            StepClaim::Inserted => {
+                inner
+                    .store
+                    .update_step(
+                        tx,
+                        &inner.name,
+                        step.saga_id,
+                        step.step,
+                        StepMark::Refused,
+                        refusal.as_ref(),
+                    )
+                    .await?;
+                refusal
+            }
+            StepClaim::Existing {
+                reply: Some(stored),
+                ..
+            } => Some(reply::readdress(&stored, command)),
+            StepClaim::Existing { reply: None, .. } => refusal,
+        })
     }
 
     /// Whether the step's mark may have been purged: the saga is older than

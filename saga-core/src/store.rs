@@ -187,6 +187,10 @@ pub enum StepMark {
     Applied,
     /// The step was compensated, or cancelled before its action ran.
     Compensated,
+    /// The step's action refused for good ([`StepError::rejected`](crate::StepError::rejected)):
+    /// every later attempt of the step gets the same refusal, and the
+    /// action never runs for it.
+    Refused,
 }
 
 impl StepMark {
@@ -195,6 +199,7 @@ impl StepMark {
         match self {
             Self::Applied => "applied",
             Self::Compensated => "compensated",
+            Self::Refused => "refused",
         }
     }
 
@@ -203,6 +208,7 @@ impl StepMark {
         match text {
             "applied" => Some(Self::Applied),
             "compensated" => Some(Self::Compensated),
+            "refused" => Some(Self::Refused),
             _ => None,
         }
     }

@@ -6,7 +6,9 @@ use std::fmt;
 use async_trait::async_trait;
 
 use crate::error::Result;
+use crate::ids::MessageId;
 use crate::message::{Message, OutboxEntry};
+use crate::wire::headers;
 
 /// What a transport guarantees beyond the basic contract; conformance tests
 /// check only what is claimed here.
@@ -56,6 +58,21 @@ pub trait Transport: Send + Sync + 'static {
     /// and must not leave them behind; members still subscribed may fail.
     async fn delete_channels(&self, channels: &[String], groups: &[String]) -> Result<()>;
 
+    /// The dead letters of `channel` not replayed yet, oldest first, at most
+    /// `limit`: what any consumer group of `channel` gave up on, with why.
+    /// Entries that cannot be read as a message (malformed input kept as
+    /// the broker got it) are left out; the broker's own tools show them.
+    async fn dead_letters(&self, channel: &str, limit: usize) -> Result<Vec<DeadLetter>>;
+
+    /// Publishes dead letter `id` of `channel` to `channel` again, as it was
+    /// first published, and takes it off [`dead_letters`](Self::dead_letters).
+    /// `Ok(false)`: `channel` has no such dead letter (already replayed, or
+    /// never there). Every group of `channel` receives it again: a group
+    /// that handled it before skips it as a duplicate, the one that gave up
+    /// on it runs its handler again. A crash between the publish and the
+    /// removal leaves it listed; replaying it again is harmless.
+    async fn replay_dead_letter(&self, channel: &str, id: MessageId) -> Result<bool>;
+
     /// The channel where messages rejected from `channel` end up.
     fn dead_letter_channel(&self, channel: &str) -> String {
         format!("{channel}.dlq")
@@ -83,6 +100,14 @@ pub trait Acknowledger: Send {
     async fn nack(self: Box<Self>, error: &str) -> Result<()>;
     /// Processing can never succeed: move it to the dead-letter channel now.
     async fn dead_letter(self: Box<Self>, error: &str) -> Result<()>;
+    /// The consumer still holds the delivery and will settle it later:
+    /// where the broker gives a delivery to another member after it sat
+    /// unsettled for a while, the clock starts again. The default does
+    /// nothing: a broker that takes deliveries back only from members that
+    /// went away.
+    async fn keep(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A message handed to one consumer, to be settled exactly once.
@@ -140,12 +165,40 @@ impl Delivery {
     pub async fn dead_letter(self, error: &str) -> Result<()> {
         self.acker.dead_letter(error).await
     }
+
+    /// Tells the broker the consumer still holds it (see [`Acknowledger::keep`]).
+    pub async fn keep(&mut self) -> Result<()> {
+        self.acker.keep().await
+    }
 }
 
 /// A dead letter: the original message with the error and the source channel attached.
 pub fn dead_letter_message(message: &Message, channel: &str, error: &str) -> Message {
     message
         .clone()
-        .with_header(crate::wire::headers::DEAD_LETTER_ERROR, error)
-        .with_header(crate::wire::headers::DEAD_LETTER_CHANNEL, channel)
+        .with_header(headers::DEAD_LETTER_ERROR, error)
+        .with_header(headers::DEAD_LETTER_CHANNEL, channel)
+}
+
+/// A message a consumer group gave up on, as [`Transport::dead_letters`] lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeadLetter {
+    /// The message as it was first published.
+    pub message: Message,
+    /// Why it was dead-lettered: the handler's error, or the delivery limit.
+    pub error: String,
+}
+
+impl DeadLetter {
+    /// Splits a message read from a dead-letter channel (as
+    /// [`dead_letter_message`] wrote it) into the message as first published
+    /// and the error (for transport implementations).
+    pub fn from_dead_message(mut message: Message) -> Self {
+        let error = message
+            .headers
+            .remove(headers::DEAD_LETTER_ERROR)
+            .unwrap_or_default();
+        message.headers.remove(headers::DEAD_LETTER_CHANNEL);
+        Self { message, error }
+    }
 }

@@ -8,6 +8,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::message::Message;
+use crate::retry::RetryPolicy;
 use crate::transport::{Delivery, Subscription, Transport};
 
 /// Handle to the background tasks of a component (orchestrator, participant,
@@ -124,15 +125,17 @@ impl StopSignal {
     }
 }
 
-/// Settles a delivery by the handler's result: ack on success, nack (redeliver
-/// later) on a retryable error, dead letter on a permanent one.
-pub(crate) async fn settle(delivery: Delivery, result: Result<()>) {
+/// Settles a delivery by the handler's result: ack on success, dead letter
+/// on a permanent error or on a retryable one that used up its retries.
+async fn settle(delivery: Delivery, result: Result<()>, attempts: u32) {
     let id = delivery.message.id;
     let settled = match result {
         Ok(()) => delivery.ack().await,
         Err(error) if error.is_retryable() => {
-            tracing::warn!(message = %id, %error, "handling failed; the message will be redelivered");
-            delivery.nack(&error.to_string()).await
+            tracing::error!(message = %id, %error, attempts, "handling failed on every attempt; dead-lettering the message");
+            delivery
+                .dead_letter(&format!("failed {attempts} times; last error: {error}"))
+                .await
         }
         Err(error) => {
             tracing::error!(message = %id, %error, "handling failed for good; dead-lettering the message");
@@ -145,30 +148,33 @@ pub(crate) async fn settle(delivery: Delivery, result: Result<()>) {
 }
 
 /// Subscribes `group` to `channels` and runs `handle` on every delivery in a
-/// new worker; returns it with its stop signal, for more tasks.
+/// new worker, retrying retryable failures by `retry`; returns the worker
+/// with its stop signal, for more tasks.
 pub(crate) async fn spawn_consumer<F, Fut>(
     transport: &dyn Transport,
     group: &str,
     channels: &[String],
+    retry: RetryPolicy,
     handle: F,
 ) -> Result<(Worker, StopSignal)>
 where
-    F: Fn(Message) -> Fut + Send + 'static,
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<()>> + Send + 'static,
 {
     let subscription = transport.subscribe(group, channels).await?;
     let (mut worker, signal) = Worker::empty();
-    worker.spawn(consume(subscription, signal.clone(), handle));
+    worker.spawn(consume(subscription, signal.clone(), retry, handle));
     Ok((worker, signal))
 }
 
 /// Runs `handle` on every delivery until shutdown; the message in hand is finished first.
-pub(crate) async fn consume<F, Fut>(
+async fn consume<F, Fut>(
     mut subscription: Box<dyn Subscription>,
     signal: StopSignal,
+    retry: RetryPolicy,
     handle: F,
 ) where
-    F: Fn(Message) -> Fut + Send,
+    F: Fn(Message) -> Fut + Send + Sync,
     Fut: Future<Output = Result<()>> + Send,
 {
     let mut failures = 0u32;
@@ -181,8 +187,7 @@ pub(crate) async fn consume<F, Fut>(
         match next {
             Ok(delivery) => {
                 failures = 0;
-                let result = handle(delivery.message.clone()).await;
-                settle(delivery, result).await;
+                handle_with_retries(delivery, &signal, &retry, &handle).await;
             }
             Err(Error::Closed(_)) => return,
             Err(error) => {
@@ -191,6 +196,51 @@ pub(crate) async fn consume<F, Fut>(
                 let wait = Duration::from_millis(50 * u64::from(failures.min(100)));
                 signal.sleep(wait).await;
             }
+        }
+    }
+}
+
+/// Handles one delivery, retrying a retryable failure in place: the member
+/// keeps the delivery (the broker's lease extended where it has one) and
+/// calls the handler again after the policy's backoff, so the key's later
+/// messages never overtake it. A stop asked while waiting hands the
+/// delivery back to the broker.
+async fn handle_with_retries<F, Fut>(
+    mut delivery: Delivery,
+    signal: &StopSignal,
+    retry: &RetryPolicy,
+    handle: &F,
+) where
+    F: Fn(Message) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<()>> + Send,
+{
+    let mut attempt = 1u32;
+    loop {
+        let result = handle(delivery.message.clone()).await;
+        match result {
+            Err(error) if error.is_retryable() && retry.allows_retry_after(attempt) => {
+                let wait = retry.backoff(attempt);
+                tracing::warn!(
+                    message = %delivery.message.id,
+                    %error,
+                    attempt,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "handling failed; retrying"
+                );
+                signal.sleep(wait).await;
+                if signal.is_stopping() {
+                    let id = delivery.message.id;
+                    if let Err(error) = delivery.nack(&error.to_string()).await {
+                        tracing::warn!(message = %id, %error, "handing the delivery back failed; the broker will redeliver it");
+                    }
+                    return;
+                }
+                if let Err(error) = delivery.keep().await {
+                    tracing::warn!(message = %delivery.message.id, %error, "extending the delivery's lease failed; another member may take it");
+                }
+                attempt = attempt.saturating_add(1);
+            }
+            result => return settle(delivery, result, attempt).await,
         }
     }
 }

@@ -13,6 +13,8 @@
 //! | dead member | the group rebalances; the new owner starts at the committed offset |
 //! | dead letter | produced to `<channel>.dlq` with the error, confirmed, then acked |
 //! | attempts | counted by the member (Kafka keeps no delivery count) |
+//! | dead letters listed | the `<channel>.dlq` topic read from its start to its end, less the ids in `<channel>.dlq.replayed` |
+//! | dead letter replayed | produced to `<channel>` and confirmed, then its id to `<channel>.dlq.replayed` (a Kafka topic cannot lose one record) |
 //!
 //! Not guaranteed: the delivery count survives a rebalance. A message whose
 //! handler kills its process every time is delivered again to each new owner
@@ -27,15 +29,17 @@ use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use saga_core::transport::{Acknowledger, Capabilities, Delivery, Subscription, Transport};
 use saga_core::wire::{self, headers};
-use saga_core::{Error, Message, OutboxEntry, Result};
+use saga_core::{DeadLetter, Error, Message, MessageId, OutboxEntry, Result};
 use tokio::sync::mpsc;
 
 use crate::config::KafkaConfig;
@@ -346,7 +350,10 @@ impl Transport for KafkaTransport {
     async fn delete_channels(&self, channels: &[String], _groups: &[String]) -> Result<()> {
         let topics: Vec<String> = channels
             .iter()
-            .flat_map(|c| [self.topic(c), self.topic(&self.dead_letter_channel(c))])
+            .flat_map(|c| {
+                let dead = self.topic(&self.dead_letter_channel(c));
+                [self.topic(c), format!("{dead}.replayed"), dead]
+            })
             .collect();
         if topics.is_empty() {
             return Ok(());
@@ -374,6 +381,38 @@ impl Transport for KafkaTransport {
             }
         }
         Ok(())
+    }
+
+    async fn dead_letters(&self, channel: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+        let mut letters = self.unreplayed(channel).await?;
+        letters.truncate(limit);
+        Ok(letters)
+    }
+
+    async fn replay_dead_letter(&self, channel: &str, id: MessageId) -> Result<bool> {
+        let Some(letter) = self
+            .unreplayed(channel)
+            .await?
+            .into_iter()
+            .find(|letter| letter.message.id == id)
+        else {
+            return Ok(false);
+        };
+        self.publish(channel, &letter.message).await?;
+        let marker = format!(
+            "{}.replayed",
+            self.topic(&self.dead_letter_channel(channel))
+        );
+        let id = id.to_string();
+        self.inner
+            .producer
+            .send(
+                FutureRecord::to(&marker).key(&id).payload(&id),
+                Timeout::Never,
+            )
+            .await
+            .map_err(|(e, _)| kafka("produce (replayed dead letter)")(e))?;
+        Ok(true)
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -688,6 +727,117 @@ impl Subscription for KafkaSubscription {
     }
 }
 
+/// How long reading a whole dead-letter topic may take.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Every record of `topic`, from its start to its end now, in offset order
+/// per partition, on a consumer of its own that commits nothing.
+fn read_topic(config: &KafkaConfig, topic: &str) -> Result<Vec<OwnedMessage>> {
+    let consumer: BaseConsumer = client_config(config)
+        .set(
+            "group.id",
+            format!("saga-reader-{}", uuid::Uuid::now_v7().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .map_err(|e| Error::Config(format!("Kafka consumer: {e}")))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .map_err(kafka("metadata"))?;
+    let mut list = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for partition in metadata
+        .topics()
+        .iter()
+        .flat_map(rdkafka::metadata::MetadataTopic::partitions)
+    {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition.id(), Duration::from_secs(5))
+            .map_err(kafka("watermarks"))?;
+        if high > low {
+            list.add_partition_offset(topic, partition.id(), Offset::Offset(low))
+                .map_err(kafka("assign"))?;
+            ends.insert(partition.id(), high);
+        }
+    }
+    let mut records = Vec::new();
+    if ends.is_empty() {
+        return Ok(records);
+    }
+    consumer.assign(&list).map_err(kafka("assign"))?;
+    let deadline = std::time::Instant::now() + READ_TIMEOUT;
+    while !ends.is_empty() {
+        if std::time::Instant::now() > deadline {
+            return Err(Error::Unavailable(format!(
+                "reading topic {topic:?} to its end took longer than {READ_TIMEOUT:?}"
+            )));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(error)) => return Err(kafka("reading")(error)),
+            Some(Ok(record)) => {
+                let (partition, offset) = (record.partition(), record.offset());
+                if ends.get(&partition).is_some_and(|end| offset + 1 >= *end) {
+                    ends.remove(&partition);
+                }
+                records.push(record.detach());
+            }
+        }
+    }
+    Ok(records)
+}
+
+fn owned_headers(record: &OwnedMessage) -> Vec<(String, Vec<u8>)> {
+    record.headers().map_or_else(Vec::new, |headers| {
+        headers
+            .iter()
+            .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+            .collect()
+    })
+}
+
+impl KafkaTransport {
+    /// The dead letters of `channel` not replayed yet, oldest first.
+    async fn unreplayed(&self, channel: &str) -> Result<Vec<DeadLetter>> {
+        let dead = self.topic(&self.dead_letter_channel(channel));
+        let replayed = format!("{dead}.replayed");
+        self.ensure_topics(&[dead.clone(), replayed.clone()])
+            .await?;
+        let config = self.inner.config.clone();
+        let (records, markers) = tokio::task::spawn_blocking(move || {
+            Ok::<_, Error>((read_topic(&config, &dead)?, read_topic(&config, &replayed)?))
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("reading dead letters: {e}")))??;
+        let replayed: HashSet<Vec<u8>> = markers
+            .iter()
+            .filter_map(|m| m.payload().map(<[u8]>::to_vec))
+            .collect();
+        let mut letters: Vec<(i64, i32, i64, DeadLetter)> = records
+            .iter()
+            .filter_map(|record| {
+                let payload = record.payload().unwrap_or_default().to_vec();
+                match decode(&owned_headers(record), payload) {
+                    Ok(message) => Some((
+                        record.timestamp().to_millis().unwrap_or(0),
+                        record.partition(),
+                        record.offset(),
+                        DeadLetter::from_dead_message(message),
+                    )),
+                    Err(error) => {
+                        tracing::debug!(topic = record.topic(), offset = record.offset(), %error, "dead letter is not a message; not listed");
+                        None
+                    }
+                }
+            })
+            .filter(|(.., letter)| !replayed.contains(letter.message.id.to_string().as_bytes()))
+            .collect();
+        letters.sort_by_key(|(at, partition, offset, _)| (*at, *partition, *offset));
+        Ok(letters.into_iter().map(|(.., letter)| letter).collect())
+    }
+}
+
 fn decode(raw_headers: &[(String, Vec<u8>)], payload: Vec<u8>) -> Result<Message> {
     let mut fields = Vec::with_capacity(raw_headers.len());
     for (name, value) in raw_headers {
@@ -764,9 +914,14 @@ impl Acknowledger for Settle {
         let mut record = FutureRecord::to(&topic)
             .payload(&self.payload)
             .headers(record_headers(fields));
-        if let Some(key) = &self.key {
-            record = record.key(key);
-        }
+        // A key keeps the dead letters of one key in order on one
+        // partition; keyless ones all go to the first, so that they are
+        // listed in the order they died even within one millisecond (the
+        // listing sorts by timestamp, then partition and offset).
+        record = match &self.key {
+            Some(key) => record.key(key),
+            None => record.partition(0),
+        };
         transport
             .inner
             .producer

@@ -20,3 +20,11 @@ pub(crate) fn redis(context: &'static str) -> impl FnOnce(RedisError) -> Error {
         Error::backend(context, retryable, error)
     }
 }
+
+/// Whether `error` says a stream or consumer group is gone (`NOGROUP`): the
+/// server lost its data (a restart without persistence, a failover to an
+/// empty replica) or someone deleted it.
+pub(crate) fn is_missing_group(error: &Error) -> bool {
+    matches!(error, Error::Backend { source, .. }
+        if source.downcast_ref::<RedisError>().is_some_and(|e| e.code() == Some("NOGROUP")))
+}

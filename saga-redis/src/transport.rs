@@ -12,8 +12,11 @@
 //! | nack | the entry stays pending; the same member claims it again at once (`XCLAIM`), which counts a delivery |
 //! | dead member | its pending entries are taken over by `XAUTOCLAIM` after [`RedisConfig::reclaim_idle`] |
 //! | dead letter | `XADD` to `<channel>.dlq` with the error and `XACK`, in one `MULTI` |
+//! | a delivery held while its handling is retried | `XCLAIM … JUSTID` by the member itself: the entry's idle time starts again, its delivery count does not move |
+//! | dead letters listed, replayed | `XRANGE` on `<channel>.dlq`; a replay is an `XADD` to the channel, then `XDEL` from `<channel>.dlq` |
 //! | attempts | the group's delivery counter (`XPENDING`) |
 //! | members that went away | removed after [`RedisConfig::forget_idle`] with nothing pending |
+//! | a server that lost its data | on `NOGROUP` the subscription creates its groups again at `0` and goes on with what is published afterwards; what the server lost is lost (run it with `appendfsync always`) |
 //!
 //! Not guaranteed: order per ordering key when several members of one group
 //! read the same stream (Redis hands entries to whichever member asks). With
@@ -26,15 +29,16 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{
-    StreamAutoClaimReply, StreamClaimReply, StreamId, StreamInfoConsumersReply, StreamReadReply,
+    StreamAutoClaimReply, StreamClaimReply, StreamId, StreamInfoConsumersReply, StreamRangeReply,
+    StreamReadReply,
 };
 use redis::{Client, Value};
 use saga_core::transport::{Acknowledger, Capabilities, Delivery, Subscription, Transport};
 use saga_core::wire::{self, headers};
-use saga_core::{Error, Message, OutboxEntry, Result};
+use saga_core::{DeadLetter, Error, Message, MessageId, OutboxEntry, Result};
 
 use crate::config::RedisConfig;
-use crate::error::redis;
+use crate::error::{is_missing_group, redis};
 
 /// The stream field that holds the payload.
 pub const DATA_FIELD: &str = "data";
@@ -94,6 +98,48 @@ impl RedisTransport {
     /// The stream key of `channel`.
     pub fn stream_key(&self, channel: &str) -> String {
         self.shared.config.key(channel)
+    }
+
+    /// Reads the dead-letter stream of `channel` from its start and passes
+    /// each entry that is a message, with its entry id, to `visit`, until
+    /// `visit` returns false or the stream ends.
+    async fn scan_dead_letters(
+        &self,
+        channel: &str,
+        mut visit: impl FnMut(String, DeadLetter) -> bool + Send,
+    ) -> Result<()> {
+        const PAGE: usize = 100;
+        let key = self.stream_key(&self.dead_letter_channel(channel));
+        let mut start = "-".to_owned();
+        loop {
+            let mut conn = self.shared.conn.clone();
+            let page: StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(PAGE)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis("XRANGE"))?;
+            let full = page.ids.len() == PAGE;
+            for entry in page.ids {
+                start = format!("({}", entry.id);
+                match Fields::from_entry(entry.map).decode() {
+                    Ok(message) => {
+                        if !visit(entry.id, DeadLetter::from_dead_message(message)) {
+                            return Ok(());
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(stream = %key, id = %entry.id, %error, "dead letter is not a message; not listed");
+                    }
+                }
+            }
+            if !full {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -192,22 +238,8 @@ impl Transport for RedisTransport {
             return Err(Error::Config("subscribe needs at least one channel".into()));
         }
         let config = &self.shared.config;
-        let mut conn = self.shared.conn.clone();
-        for channel in channels {
-            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(self.stream_key(channel))
-                .arg(group)
-                .arg("0")
-                .arg("MKSTREAM")
-                .query_async(&mut conn)
-                .await;
-            match created {
-                Ok(()) => {}
-                Err(e) if e.code() == Some("BUSYGROUP") => {}
-                Err(e) => return Err(redis("XGROUP CREATE")(e)),
-            }
-        }
+        let keys: Vec<String> = channels.iter().map(|c| self.stream_key(c)).collect();
+        create_groups(&self.shared, group, &keys).await?;
         // A blocking read holds its connection: each member reads on its own.
         let reader = connect(config, config.block + config.response_timeout).await?;
         Ok(Box::new(RedisSubscription {
@@ -247,6 +279,41 @@ impl Transport for RedisTransport {
             .await
             .map_err(redis("DEL"))?;
         Ok(())
+    }
+
+    async fn dead_letters(&self, channel: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+        let mut letters = Vec::new();
+        if limit > 0 {
+            self.scan_dead_letters(channel, |_, letter| {
+                letters.push(letter);
+                letters.len() < limit
+            })
+            .await?;
+        }
+        Ok(letters)
+    }
+
+    async fn replay_dead_letter(&self, channel: &str, id: MessageId) -> Result<bool> {
+        let mut found = None;
+        self.scan_dead_letters(channel, |entry, letter| {
+            if letter.message.id == id {
+                found = Some((entry, letter));
+            }
+            found.is_none()
+        })
+        .await?;
+        let Some((entry, letter)) = found else {
+            return Ok(false);
+        };
+        self.publish(channel, &letter.message).await?;
+        let mut conn = self.shared.conn.clone();
+        let _: u64 = redis::cmd("XDEL")
+            .arg(self.stream_key(&self.dead_letter_channel(channel)))
+            .arg(&entry)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis("XDEL"))?;
+        Ok(true)
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -439,6 +506,7 @@ impl RedisSubscription {
         Settle {
             shared: Arc::clone(&self.shared),
             group: self.group.clone(),
+            consumer: self.consumer.clone(),
             channel: self.streams[stream].0.clone(),
             key: self.streams[stream].1.clone(),
             stream,
@@ -482,15 +550,55 @@ impl Subscription for RedisSubscription {
                     }
                 }
             }
-            if self.claim_nacked().await? {
-                continue;
-            }
-            self.reclaim().await?;
-            if self.buffer.is_empty() {
-                self.read_new().await?;
+            match self.fetch().await {
+                Ok(()) => {}
+                Err(error) if is_missing_group(&error) => {
+                    tracing::warn!(group = %self.group, %error, "a stream or consumer group is gone (did the server lose its data?); creating them again from the streams' start");
+                    let keys: Vec<String> =
+                        self.streams.iter().map(|(_, key)| key.clone()).collect();
+                    create_groups(&self.shared, &self.group, &keys).await?;
+                }
+                Err(error) => return Err(error),
             }
         }
     }
+}
+
+impl RedisSubscription {
+    /// Fills the buffer: entries this member nacked, then entries of dead
+    /// members, then new ones.
+    async fn fetch(&mut self) -> Result<()> {
+        if self.claim_nacked().await? {
+            return Ok(());
+        }
+        self.reclaim().await?;
+        if self.buffer.is_empty() {
+            self.read_new().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Creates `group` on each stream (and the stream) at `0`, so that it reads
+/// what the stream holds; a group that exists stays as it is.
+async fn create_groups(shared: &Shared, group: &str, keys: &[String]) -> Result<()> {
+    let mut conn = shared.conn.clone();
+    for key in keys {
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(key)
+            .arg(group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Ok(()) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(redis("XGROUP CREATE")(e)),
+        }
+    }
+    Ok(())
 }
 
 /// An entry's fields as read, kept to dead-letter it as it came.
@@ -561,6 +669,7 @@ impl Fields {
 struct Settle {
     shared: Arc<Shared>,
     group: String,
+    consumer: String,
     channel: String,
     key: String,
     stream: usize,
@@ -592,6 +701,23 @@ impl Acknowledger for Settle {
             .lock()
             .unwrap()
             .push_back((self.stream, self.id.clone()));
+        Ok(())
+    }
+
+    /// `XCLAIM … JUSTID` by this member: the entry's idle time starts
+    /// again, so no other member reclaims it while its handling is retried.
+    async fn keep(&mut self) -> Result<()> {
+        let mut conn = self.shared.conn.clone();
+        let _: Vec<String> = redis::cmd("XCLAIM")
+            .arg(&self.key)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(0)
+            .arg(&self.id)
+            .arg("JUSTID")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis("XCLAIM JUSTID"))?;
         Ok(())
     }
 

@@ -389,3 +389,48 @@ async fn dropped_workers_end() {
     )
     .await;
 }
+
+/// A delivery its member keeps (while its handling is retried) is not
+/// taken over by another member after `reclaim_idle`, nor counted as
+/// delivered again; one left alone is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_delivery_is_not_reclaimed_by_another_member() {
+    let Some(transport) = transport().await else {
+        return;
+    };
+    let channel = unique("events");
+    let group = unique("group");
+    let mut holder = transport
+        .subscribe(&group, std::slice::from_ref(&channel))
+        .await
+        .unwrap();
+    let message = Message::new("test.event", b"held".to_vec());
+    transport.publish(&channel, &message).await.unwrap();
+    let mut held = tokio::time::timeout(PATIENCE, holder.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.message.id, message.id);
+    let mut other = transport
+        .subscribe(&group, std::slice::from_ref(&channel))
+        .await
+        .unwrap();
+    // Three times `reclaim_idle`, kept every 400 ms.
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        if let Ok(taken) = tokio::time::timeout(Duration::from_millis(400), other.next()).await {
+            panic!("another member took the kept delivery: {taken:?}");
+        }
+        held.keep().await.unwrap();
+    }
+    // Left alone, the delivery is reclaimed: keeping it is what held it.
+    drop(holder);
+    let taken = tokio::time::timeout(PATIENCE, other.next())
+        .await
+        .expect("reclaimed once no longer kept")
+        .unwrap();
+    assert_eq!(taken.message.id, message.id);
+    assert_eq!(taken.attempt, 2, "keeping it counted no delivery");
+    taken.ack().await.unwrap();
+    drop(held);
+}

@@ -35,6 +35,21 @@ pub(crate) fn is_retryable(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Wraps an error from opening a transaction (taking or opening a
+/// connection, then `BEGIN`): retryable unless the pool was closed or its
+/// configuration is wrong. A database that refuses connections for a
+/// while (restarting, `ALLOW_CONNECTIONS false`: SQLSTATE 55000, or a
+/// password being rotated) answers with codes that mean "never" in a
+/// query, and nothing in the message being processed can cause them: a
+/// consumer must wait for the database, never dead-letter its message.
+pub(crate) fn beginning(error: sqlx::Error) -> Error {
+    let retryable = !matches!(
+        error,
+        sqlx::Error::PoolClosed | sqlx::Error::Configuration(_)
+    );
+    Error::backend("beginning a transaction", retryable, error)
+}
+
 /// Wraps a sqlx error with what was being done.
 pub(crate) fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
     move |error| {

@@ -77,6 +77,7 @@ mod postgres;
 mod schema;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+mod uncancelled;
 
 pub use error::SqlxResultExt;
 #[cfg(feature = "postgres")]

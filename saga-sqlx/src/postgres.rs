@@ -22,8 +22,9 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::codec::{decode, encode};
-use crate::error::db;
+use crate::error::{beginning, db};
 use crate::schema::validate_identifier;
+use crate::uncancelled::uncancelled;
 
 /// The outbox, idempotency and saga stores on one PostgreSQL schema.
 ///
@@ -58,6 +59,14 @@ struct ServerClock {
 impl ServerClock {
     fn now(&self) -> DateTime<Utc> {
         clock::now() + chrono::Duration::microseconds(self.offset_micros.load(Ordering::Relaxed))
+    }
+
+    /// Whether the offset was ever measured.
+    fn known(&self) -> bool {
+        self.measured
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
     }
 
     fn due(&self) -> bool {
@@ -247,6 +256,18 @@ impl PostgresStore {
 }
 
 impl PostgresStore {
+    /// Measures the server's clock on a connection outside the pool, closed
+    /// afterwards: for the first reading, when the pool has none idle.
+    async fn measure_apart(&self) -> Result<()> {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect_with(&self.pool.connect_options())
+            .await
+            .map_err(db("connecting to read the server's clock"))?;
+        let measured = self.clock.measure(&mut conn).await;
+        let _ = conn.close().await;
+        measured
+    }
+
     /// A listener on this store's channel, or `None` (the caller polls) if it cannot listen.
     async fn listen(&self) -> Option<PgListener> {
         let mut listener = PgListener::connect_with(&self.pool).await.ok()?;
@@ -287,26 +308,35 @@ impl PostgresStore {
 impl Transactional for PostgresStore {
     type Tx = crate::PostgresTx;
 
+    /// `BEGIN` and `COMMIT` run to their end even when the caller's future
+    /// is dropped (see the `uncancelled` module).
     async fn begin(&self) -> Result<Self::Tx> {
-        self.pool
-            .begin()
-            .await
-            .map_err(db("beginning a transaction"))
+        let pool = self.pool.clone();
+        uncancelled(async move { pool.begin().await })
+            .await?
+            .map_err(beginning)
     }
 
     async fn commit(&self, tx: Self::Tx) -> Result<()> {
-        tx.commit().await.map_err(db("committing"))
+        uncancelled(tx.commit()).await?.map_err(db("committing"))
     }
 
     /// The server's clock (`clock_timestamp()`), read at most every 30 s on
     /// an idle connection of the pool (never waiting for one: a caller may
-    /// hold the last) and kept as an offset from the process clock.
+    /// hold the last) and kept as an offset from the process clock. The
+    /// first reading takes a connection of its own when the pool has none
+    /// idle: until then the offset is unknown, and the host's clock may be
+    /// minutes off.
     async fn now(&self) -> DateTime<Utc> {
-        if self.clock.due()
-            && let Some(mut conn) = self.pool.try_acquire()
-            && let Err(error) = self.clock.measure(&mut conn).await
-        {
-            tracing::warn!(%error, "reading PostgreSQL's clock failed; the last offset stays");
+        if self.clock.due() {
+            let measured = match self.pool.try_acquire() {
+                Some(mut conn) => self.clock.measure(&mut conn).await,
+                None if !self.clock.known() => self.measure_apart().await,
+                None => Ok(()),
+            };
+            if let Err(error) = measured {
+                tracing::warn!(%error, "reading PostgreSQL's clock failed; the last offset stays");
+            }
         }
         self.clock.now()
     }
@@ -363,14 +393,30 @@ impl OutboxStore for PostgresStore {
         // key's smallest pending seq" so the planner always probes the
         // (ordering_key, seq) index: the NOT EXISTS form, on a table not yet
         // analyzed, scanned the seq index per candidate (25 s per claim at 20k rows).
+        //
+        // Nor is a record taken while its key has one in flight (leased):
+        // two writers commit in another order than their seqs, so an older
+        // record can become the head after a newer one was claimed, and two
+        // relays would then publish the key at once. Claims take a lock of
+        // their own first, so that each sees the leases of the one before
+        // (a claim's snapshot is taken when its statement starts).
+        let mut tx = self.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(&outbox)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("locking the outbox for a claim"))?;
         let rows = sqlx::query(&format!(
             "WITH picked AS ( \
                  SELECT o.seq FROM {outbox} o \
                  WHERE o.published_at IS NULL AND o.dead_at IS NULL AND o.retry_at <= $1 \
                    AND (o.lease_until IS NULL OR o.lease_until <= $1) \
-                   AND (o.ordering_key IS NULL OR o.seq = (SELECT min(p.seq) FROM {outbox} p \
+                   AND (o.ordering_key IS NULL OR (o.seq = (SELECT min(p.seq) FROM {outbox} p \
                        WHERE p.ordering_key = o.ordering_key \
-                         AND p.published_at IS NULL AND p.dead_at IS NULL)) \
+                         AND p.published_at IS NULL AND p.dead_at IS NULL) \
+                     AND NOT EXISTS (SELECT 1 FROM {outbox} l \
+                       WHERE l.ordering_key = o.ordering_key AND l.published_at IS NULL \
+                         AND l.dead_at IS NULL AND l.lease_until > $1))) \
                  ORDER BY o.seq LIMIT $2 FOR UPDATE SKIP LOCKED) \
              UPDATE {outbox} o SET lease_owner = $3, lease_until = $4 FROM picked \
              WHERE o.seq = picked.seq RETURNING o.seq, o.channel, o.headers, o.payload, o.attempts, \
@@ -380,9 +426,10 @@ impl OutboxStore for PostgresStore {
         .bind(i64::try_from(request.limit).unwrap_or(i64::MAX))
         .bind(&request.owner)
         .bind(request.now + clock::to_chrono(request.lease))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db("claiming outbox messages"))?;
+        self.commit(tx).await?;
         let mut records = rows.iter().map(outbox_record).collect::<Result<Vec<_>>>()?;
         records.sort_by_key(|r| r.seq);
         Ok(records)

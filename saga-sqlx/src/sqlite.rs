@@ -23,7 +23,8 @@ use sqlx::sqlite::{
 use tokio::sync::Notify;
 
 use crate::codec::{decode, encode};
-use crate::error::db;
+use crate::error::{beginning, db};
+use crate::uncancelled::uncancelled;
 
 /// The outbox, idempotency and saga stores in one SQLite database.
 ///
@@ -233,15 +234,18 @@ impl Transactional for SqliteStore {
     /// waiting up to the busy timeout. A deferred transaction that reads
     /// first would fail with `SQLITE_BUSY` when it tries to write while
     /// another connection writes, and no wait helps it then.
+    ///
+    /// `BEGIN` and `COMMIT` run to their end even when the caller's future
+    /// is dropped (see the `uncancelled` module).
     async fn begin(&self) -> Result<Self::Tx> {
-        self.pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db("beginning a transaction"))
+        let pool = self.pool.clone();
+        uncancelled(async move { pool.begin_with("BEGIN IMMEDIATE").await })
+            .await?
+            .map_err(beginning)
     }
 
     async fn commit(&self, tx: Self::Tx) -> Result<()> {
-        tx.commit().await.map_err(db("committing"))?;
+        uncancelled(tx.commit()).await?.map_err(db("committing"))?;
         self.wake_relays();
         Ok(())
     }

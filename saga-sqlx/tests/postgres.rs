@@ -97,3 +97,94 @@ async fn enqueue_notifies_once_per_committed_transaction() {
         .expect("woken by the commit, not at the 30 s poll interval")
         .unwrap();
 }
+
+/// A message that commits after a newer one of its key was claimed (two
+/// writers, the older one slower) is not claimed while that one is in
+/// flight: two relays would publish the key at once, and the broker would
+/// pick their order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_does_not_open_a_second_line_for_its_key() {
+    use saga_core::store::ClaimRequest;
+    use saga_core::{Message, OutboxEntry, OutboxStore, Transactional};
+    let Some(store) = store().await else { return };
+    let entry = |label: &str| {
+        OutboxEntry::new(
+            "events",
+            Message::new("test.event", label.as_bytes().to_vec()).with_ordering_key("k"),
+        )
+    };
+    let mut slow = store.begin().await.unwrap();
+    store.enqueue(&mut slow, &[entry("older")]).await.unwrap();
+    let mut fast = store.begin().await.unwrap();
+    store.enqueue(&mut fast, &[entry("newer")]).await.unwrap();
+    store.commit(fast).await.unwrap();
+    let claim = |owner: &str| ClaimRequest {
+        owner: owner.to_owned(),
+        limit: 10,
+        now: saga_core::clock::now(),
+        lease: Duration::from_secs(30),
+    };
+    let first = store.claim(&claim("relay-a")).await.unwrap();
+    assert_eq!(first.len(), 1, "the committed message is the key's head");
+    store.commit(slow).await.unwrap();
+    let second = store.claim(&claim("relay-b")).await.unwrap();
+    let labels: Vec<String> = second
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.entry.message.payload).into_owned())
+        .collect();
+    assert!(
+        labels.is_empty(),
+        "claimed {labels:?} while relay-a still publishes the key"
+    );
+}
+
+/// A database that refuses connections for a while (restarting, or
+/// `ALLOW_CONNECTIONS false` as here) is a retryable failure to begin, so
+/// a consumer waits for it instead of dead-lettering what it was handling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_refusing_connections_is_retryable() {
+    use saga_core::Transactional;
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/saga_test".to_owned());
+    let Some(admin) = sqlx::PgPool::connect(&url)
+        .await
+        .map_or_else(|e| unavailable(&format!("PostgreSQL at {url}"), e), Some)
+    else {
+        return;
+    };
+    let database = unique("refusing").replace('-', "_");
+    sqlx::query(&format!("CREATE DATABASE {database}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let server = url
+        .rsplit_once('/')
+        .map_or(url.as_str(), |(server, _)| server);
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&format!("{server}/{database}"))
+        .await
+        .unwrap();
+    let store = PostgresStore::new(pool.clone());
+    store.migrate().await.unwrap();
+    for sql in [
+        format!("ALTER DATABASE {database} ALLOW_CONNECTIONS false"),
+        format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'"
+        ),
+    ] {
+        sqlx::query(&sql).execute(&admin).await.unwrap();
+    }
+    let refused = store.begin().await.err();
+    pool.close().await;
+    sqlx::query(&format!("DROP DATABASE {database} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let error = refused.expect("no transaction begins while the database refuses connections");
+    assert!(
+        error.is_retryable(),
+        "a database refusing connections is worth waiting for: {error}"
+    );
+}

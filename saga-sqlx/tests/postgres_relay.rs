@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use saga_core::testing::{unavailable, unique};
 use saga_core::transport::{Capabilities, Subscription};
-use saga_core::{Error, Message, OutboxStore, Result, Transport};
+use saga_core::{DeadLetter, Error, Message, MessageId, OutboxStore, Result, Transport};
 use saga_outbox::{Relay, wait_until_delivered};
 use saga_sqlx::PostgresStore;
 use sqlx::PgPool;
@@ -67,6 +67,12 @@ async fn dropped_workers_end() {
     relay_cases::dropped_workers_end(store).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_of_one_key_never_have_it_published_twice_at_once() {
+    let Some(store) = store().await else { return };
+    relay_cases::concurrent_writers_of_one_key_never_have_it_published_twice_at_once(store).await;
+}
+
 /// A broker that is a table: a publish is confirmed once its row committed,
 /// so what a killed process published stays visible.
 struct TableBroker {
@@ -98,6 +104,15 @@ impl Transport for TableBroker {
             .await
             .map_err(|e| Error::Unavailable(e.to_string()))?;
         Ok(())
+    }
+
+    /// Nothing is ever dead-lettered into the table.
+    async fn dead_letters(&self, _: &str, _: usize) -> Result<Vec<DeadLetter>> {
+        Ok(Vec::new())
+    }
+
+    async fn replay_dead_letter(&self, _: &str, _: MessageId) -> Result<bool> {
+        Ok(false)
     }
 
     fn capabilities(&self) -> Capabilities {

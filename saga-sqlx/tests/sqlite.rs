@@ -92,6 +92,15 @@ mod relay {
         let store = super::store().await.unwrap();
         super::relay_cases::dropped_workers_end(store).await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_of_one_key_never_have_it_published_twice_at_once() {
+        let store = super::store().await.unwrap();
+        super::relay_cases::concurrent_writers_of_one_key_never_have_it_published_twice_at_once(
+            store,
+        )
+        .await;
+    }
 }
 
 /// The application's own sqlx migrations and the store's share the file, in

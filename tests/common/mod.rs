@@ -1,5 +1,7 @@
 //! A small world for engine tests: an orchestrator service, three
-//! participants, one relay per store, all on in-memory backends.
+//! participants, one relay per store, all on in-memory backends, each with
+//! the library's default settings (retries, deadlines, leases, delivery
+//! limit, consumer retries).
 //!
 //! The saga has four steps: a local one (`record`, in the orchestrator's own
 //! transaction) and three remote ones (`stock`, `payment`, `shipping`). Each
@@ -10,7 +12,7 @@
 // Each test file uses part of this module.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,21 +22,20 @@ use saga::memory::{MemoryStore, MemoryTransport, MemoryTx};
 use saga::outbox::{Relay, RelayConfig};
 use saga::wire::headers;
 use saga::{
-    CommandHandler, Message, Orchestrator, OrchestratorConfig, Participant, Reply, RetryPolicy,
-    SagaDefinition, SagaId, SagaState, SagaStep, StepConfig, StepContext, StepError, StepOutcome,
-    Store, Transport, Worker,
+    CommandHandler, Message, Orchestrator, OrchestratorConfig, Participant, Reply, SagaDefinition,
+    SagaId, SagaState, SagaStep, StepConfig, StepContext, StepError, StepOutcome, Store, Transport,
+    Worker,
 };
 use serde::{Deserialize, Serialize};
 
 pub const SAGA: &str = "checkout";
 pub const PARTICIPANTS: [&str; 3] = ["stock", "payment", "shipping"];
-/// Attempts of a failing action.
+/// Attempts of a failing action (`StepConfig::default()`).
 pub const ACTION_ATTEMPTS: u32 = 3;
-/// Attempts of a failing compensation.
-pub const COMPENSATION_ATTEMPTS: u32 = 4;
-/// Reply deadline of the remote steps: longer than any delay the fault
-/// schedules inject (outages, expired leases), so only planned slowness times out.
-pub const DEADLINE: Duration = Duration::from_secs(30);
+/// Attempts of a failing compensation (`StepConfig::default()`).
+pub const COMPENSATION_ATTEMPTS: u32 = 10;
+/// Reply deadline of the remote steps (`StepConfig::default()`).
+pub const DEADLINE: Duration = StepConfig::DEFAULT_DEADLINE;
 
 /// How the services behave for one saga. Steps: 0 local, 1..=3 remote.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -100,33 +101,49 @@ fn effect_key(saga: SagaId, step: u32) -> String {
     format!("{saga}:{step}")
 }
 
-/// Failure counters that survive rollbacks (they live outside the stores).
+/// Which planned failures an operator healed, and the order of
+/// compensations: state outside the stores, surviving rollbacks and kills.
 #[derive(Default)]
 pub struct Counters {
-    failures: Mutex<HashMap<(String, u32, &'static str), u32>>,
+    healed: Mutex<std::collections::HashSet<(String, u32, &'static str)>>,
     pub sequence: AtomicU64,
 }
 
 impl Counters {
     /// Planned failures of `what` for this step stop (an operator fixed the cause).
     pub fn heal(&self, saga: SagaId, step: u32, what: &'static str) {
-        self.failures
+        self.healed
             .lock()
             .unwrap()
-            .insert((saga.to_string(), step, what), u32::MAX);
+            .insert((saga.to_string(), step, what));
     }
 
-    /// Counts one more failure of `what`; returns whether it should still fail.
-    fn should_fail(&self, saga: &str, step: u32, what: &'static str, planned: u32) -> bool {
-        let mut failures = self.failures.lock().unwrap();
-        let count = failures.entry((saga.to_owned(), step, what)).or_default();
-        if *count < planned {
-            *count += 1;
-            true
-        } else {
-            false
-        }
+    /// Whether attempt `attempt` of `what` fails as planned: the first
+    /// `planned` attempts do, however often each is delivered (a handler
+    /// killed after it failed runs again for the same attempt).
+    fn should_fail(
+        &self,
+        saga: &str,
+        step: u32,
+        what: &'static str,
+        planned: u32,
+        attempt: u32,
+    ) -> bool {
+        attempt <= planned
+            && !self
+                .healed
+                .lock()
+                .unwrap()
+                .contains(&(saga.to_owned(), step, what))
     }
+}
+
+/// The attempt a command belongs to (1 when it does not say).
+fn attempt_of(command: &Message) -> u32 {
+    command
+        .header(headers::SAGA_ATTEMPT)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1)
 }
 
 fn apply(
@@ -175,7 +192,7 @@ impl CommandHandler<MemoryTx> for PlannedHandler {
             let planned = plan.compensation_failures.get(&step).copied().unwrap_or(0);
             if self
                 .counters
-                .should_fail(&id, step, "compensation", planned)
+                .should_fail(&id, step, "compensation", planned, attempt_of(command))
             {
                 return Err(StepError::retryable("compensation failed (planned)"));
             }
@@ -184,7 +201,10 @@ impl CommandHandler<MemoryTx> for PlannedHandler {
                 return Err(StepError::rejected("refused (planned)"));
             }
             let planned = plan.transient.get(&step).copied().unwrap_or(0);
-            if self.counters.should_fail(&id, step, "action", planned) {
+            if self
+                .counters
+                .should_fail(&id, step, "action", planned, attempt_of(command))
+            {
                 return Err(StepError::retryable("busy (planned)"));
             }
             if plan.slow_at == Some(step) && command.header(headers::SAGA_ATTEMPT) == Some("1") {
@@ -227,10 +247,13 @@ impl SagaStep<CheckoutData, MemoryTx> for Record {
             .get(&0)
             .copied()
             .unwrap_or(0);
-        if self
-            .counters
-            .should_fail(&ctx.saga_id.to_string(), 0, "compensation", planned)
-        {
+        if self.counters.should_fail(
+            &ctx.saga_id.to_string(),
+            0,
+            "compensation",
+            planned,
+            ctx.attempt,
+        ) {
             return Err(StepError::retryable("local compensation failed (planned)"));
         }
         apply(ctx.tx, &self.counters, ctx.saga_id, 0, true)?;
@@ -283,22 +306,11 @@ pub fn paused_runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime")
 }
 
+/// The checkout saga, every step with `StepConfig::default()`.
 pub fn definition(counters: &Arc<Counters>) -> SagaDefinition<CheckoutData, MemoryTx> {
-    let config = StepConfig::default()
-        .retry(
-            RetryPolicy::attempts(ACTION_ATTEMPTS)
-                .with_backoff(Duration::from_millis(100), Duration::from_secs(1)),
-        )
-        .compensation_retry(
-            RetryPolicy::attempts(COMPENSATION_ATTEMPTS)
-                .with_backoff(Duration::from_millis(100), Duration::from_secs(1)),
-        )
-        .deadline(DEADLINE);
-    let mut definition = SagaDefinition::new(SAGA)
-        .default_config(config)
-        .step(Record {
-            counters: Arc::clone(counters),
-        });
+    let mut definition = SagaDefinition::new(SAGA).step(Record {
+        counters: Arc::clone(counters),
+    });
     for participant in PARTICIPANTS {
         definition = definition.step(Remote { participant });
     }
@@ -310,21 +322,36 @@ pub fn orchestrator<S: Store<Tx = MemoryTx> + Clone>(
     transport: Arc<dyn Transport>,
     counters: &Arc<Counters>,
 ) -> Orchestrator<S> {
-    let config = OrchestratorConfig::new("checkout")
-        .poll_interval(Duration::from_millis(100))
-        .lease(Duration::from_secs(3));
-    Orchestrator::builder(store, transport, config)
+    Orchestrator::builder(store, transport, OrchestratorConfig::new("checkout"))
         .saga(definition(counters))
         .build()
 }
 
 pub fn relay_config() -> RelayConfig {
     RelayConfig::default()
-        .poll_interval(Duration::from_millis(50))
-        .lease(Duration::from_secs(3))
-        .retry(
-            RetryPolicy::attempts(1000)
-                .with_backoff(Duration::from_millis(20), Duration::from_millis(500)),
+}
+
+/// Participant `name` on `store`: applies and undoes as each saga's plan says.
+pub fn participant(
+    name: &'static str,
+    store: MemoryStore,
+    transport: Arc<dyn Transport>,
+    counters: &Arc<Counters>,
+) -> Participant<MemoryStore> {
+    Participant::new(name, format!("{name}.commands"), store, transport)
+        .on(
+            format!("{name}.do"),
+            PlannedHandler {
+                counters: Arc::clone(counters),
+                compensation: false,
+            },
+        )
+        .on(
+            format!("{name}.undo"),
+            PlannedHandler {
+                counters: Arc::clone(counters),
+                compensation: true,
+            },
         )
 }
 
@@ -360,27 +387,12 @@ impl World {
         let mut participant_workers = Vec::new();
         for name in PARTICIPANTS {
             let store = MemoryStore::new();
-            let participant = Participant::new(
-                name,
-                format!("{name}.commands"),
-                store.clone(),
-                Arc::clone(&shared),
-            )
-            .on(
-                format!("{name}.do"),
-                PlannedHandler {
-                    counters: Arc::clone(&counters),
-                    compensation: false,
-                },
-            )
-            .on(
-                format!("{name}.undo"),
-                PlannedHandler {
-                    counters: Arc::clone(&counters),
-                    compensation: true,
-                },
+            participant_workers.push(
+                participant(name, store.clone(), Arc::clone(&shared), &counters)
+                    .spawn()
+                    .await
+                    .unwrap(),
             );
-            participant_workers.push(participant.spawn().await.unwrap());
             participant_stores.push(store);
         }
         let mut world = Self {
@@ -427,6 +439,24 @@ impl World {
         let shared: Arc<dyn Transport> = Arc::new(self.transport.clone());
         let extra = orchestrator(self.orchestrator_store.clone(), shared, &self.counters);
         self.extra_orchestrators.push(extra.spawn().await.unwrap());
+    }
+
+    /// Kills participant `index` (as `kill -9` would: before or after its
+    /// commit, wherever it is) and starts it again on the same store.
+    pub async fn crash_participant(&mut self, index: usize) {
+        let worker = std::mem::replace(
+            &mut self.participant_workers[index],
+            participant(
+                PARTICIPANTS[index],
+                self.participant_stores[index].clone(),
+                Arc::new(self.transport.clone()),
+                &self.counters,
+            )
+            .spawn()
+            .await
+            .unwrap(),
+        );
+        worker.abort().await;
     }
 
     /// Kills one relay mid-whatever and starts another on the same store.
@@ -581,9 +611,14 @@ impl World {
         Ok(())
     }
 
-    /// No message was given up on: no dead letter in any outbox or dead-letter channel.
+    /// No message was given up on: every outbox drained with no dead
+    /// message, and every dead letter on the broker is a message its
+    /// consumer had already processed. (The transport's delivery limit
+    /// dead-letters a message delivered again and again without being
+    /// settled, as after repeated crashes right after a commit; a processed
+    /// one is not lost.)
     pub async fn check_nothing_lost(&self) -> Result<(), String> {
-        use saga::OutboxStore;
+        use saga::{IdempotencyStore, OutboxStore, Transactional};
         for store in self.stores() {
             let stats = store.stats().await.unwrap();
             if stats.pending != 0 || stats.dead != 0 {
@@ -593,20 +628,34 @@ impl World {
                 ));
             }
         }
-        let channels = PARTICIPANTS
+        let consumers = PARTICIPANTS
             .iter()
-            .map(|p| format!("{p}.commands"))
-            .chain(["checkout.replies".to_owned()]);
-        for channel in channels {
-            let dead = self.transport.published(&format!("{channel}.dlq"));
-            if !dead.is_empty() {
-                return Err(format!(
-                    "{} dead letters on {channel}: {:?}",
-                    dead.len(),
-                    dead.iter()
-                        .map(|m| m.header(headers::DEAD_LETTER_ERROR))
-                        .collect::<Vec<_>>()
-                ));
+            .zip(&self.participant_stores)
+            .map(|(p, store)| (format!("{p}.commands"), *p, store))
+            .chain([(
+                "checkout.replies".to_owned(),
+                "checkout",
+                &self.orchestrator_store,
+            )]);
+        for (channel, consumer, store) in consumers {
+            for letter in self
+                .transport
+                .dead_letters(&channel, usize::MAX)
+                .await
+                .unwrap()
+            {
+                let now = store.now().await;
+                let mut tx = store.begin().await.unwrap();
+                let begun = store
+                    .begin_processing(&mut tx, consumer, letter.message.id, now)
+                    .await
+                    .unwrap();
+                if matches!(begun, saga::store::Begin::Fresh) {
+                    return Err(format!(
+                        "{} on {channel} was dead-lettered and never processed: {}",
+                        letter.message.message_type, letter.error
+                    ));
+                }
             }
         }
         Ok(())

@@ -67,6 +67,8 @@ type Undo = Box<dyn FnOnce(&mut State) + Send>;
 pub struct MemoryStore {
     state: Arc<Mutex<State>>,
     enqueued: Arc<Notify>,
+    /// Until when transactions fail, as during a database restart.
+    outage_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
 
 impl fmt::Debug for MemoryStore {
@@ -147,6 +149,28 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// The database is unreachable for `duration`, as during a restart:
+    /// `begin` fails, and so does `commit`, which rolls the transaction
+    /// back. Both fail retryably ([`Error::Unavailable`]).
+    pub fn outage(&self, duration: std::time::Duration) {
+        *self
+            .outage_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(tokio::time::Instant::now() + duration);
+    }
+
+    fn reachable(&self) -> Result<()> {
+        let until = *self
+            .outage_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if until.is_some_and(|until| until > tokio::time::Instant::now()) {
+            return Err(Error::Unavailable("in-memory database outage".into()));
+        }
+        Ok(())
+    }
+
     /// Reads a committed business row of `table` as `T`.
     pub async fn row<T: DeserializeOwned>(&self, table: &str, key: &str) -> Result<Option<T>> {
         let state = self.state.lock().await;
@@ -174,6 +198,7 @@ impl Transactional for MemoryStore {
     type Tx = MemoryTx;
 
     async fn begin(&self) -> Result<MemoryTx> {
+        self.reachable()?;
         Ok(MemoryTx {
             state: Arc::clone(&self.state).lock_owned().await,
             undo: Vec::new(),
@@ -183,6 +208,7 @@ impl Transactional for MemoryStore {
     }
 
     async fn commit(&self, mut tx: MemoryTx) -> Result<()> {
+        self.reachable()?;
         tx.committed = true;
         tx.undo.clear();
         let enqueued = tx.enqueued;

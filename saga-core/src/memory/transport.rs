@@ -16,9 +16,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::ids::MessageId;
 use crate::message::Message;
 use crate::transport::{
-    Acknowledger, Capabilities, Delivery, Subscription, Transport, dead_letter_message,
+    Acknowledger, Capabilities, DeadLetter, Delivery, Subscription, Transport, dead_letter_message,
 };
 
 /// Faults the in-memory transport injects. All probabilities are 0.0 to 1.0.
@@ -107,6 +108,8 @@ struct State {
     rng: fastrand::Rng,
     outage_until: Option<Instant>,
     next_tag: u64,
+    /// Dead letters replayed, per dead-letter channel.
+    replayed: HashMap<String, HashSet<MessageId>>,
 }
 
 struct Shared {
@@ -154,6 +157,7 @@ impl MemoryTransport {
                     rng,
                     outage_until: None,
                     next_tag: 0,
+                    replayed: HashMap::new(),
                 }),
                 changed: Notify::new(),
                 rule: Mutex::new(None),
@@ -377,10 +381,52 @@ impl Transport for MemoryTransport {
         for channel in channels {
             for name in [channel.clone(), self.dead_letter_channel(channel)] {
                 state.logs.remove(&name);
+                state.replayed.remove(&name);
                 state.groups.retain(|(_, of), _| *of != name);
             }
         }
         Ok(())
+    }
+
+    async fn dead_letters(&self, channel: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+        let dead = self.dead_letter_channel(channel);
+        let state = self.shared.lock();
+        let replayed = state.replayed.get(&dead);
+        Ok(state
+            .logs
+            .get(&dead)
+            .into_iter()
+            .flatten()
+            .filter(|m| replayed.is_none_or(|r| !r.contains(&m.id)))
+            .take(limit)
+            .map(|m| DeadLetter::from_dead_message(m.clone()))
+            .collect())
+    }
+
+    async fn replay_dead_letter(&self, channel: &str, id: MessageId) -> Result<bool> {
+        let dead = self.dead_letter_channel(channel);
+        let letter = {
+            let state = self.shared.lock();
+            if state.replayed.get(&dead).is_some_and(|r| r.contains(&id)) {
+                return Ok(false);
+            }
+            let Some(message) = state
+                .logs
+                .get(&dead)
+                .and_then(|log| log.iter().find(|m| m.id == id))
+            else {
+                return Ok(false);
+            };
+            DeadLetter::from_dead_message(message.clone())
+        };
+        self.publish(channel, &letter.message).await?;
+        self.shared
+            .lock()
+            .replayed
+            .entry(dead)
+            .or_default()
+            .insert(id);
+        Ok(true)
     }
 
     fn capabilities(&self) -> Capabilities {

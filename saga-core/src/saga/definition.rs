@@ -116,10 +116,12 @@ pub struct StepConfig {
     /// How long a remote step (or its compensation) waits for its reply,
     /// counted from the moment its command left the outbox and while the
     /// transport answers: when the deadline passes while the command still
-    /// waits in the outbox (its publish retrying) or while
-    /// [`Transport::check`](crate::Transport::check) fails, nobody could
-    /// have answered, and the deadline moves on by its own length instead
-    /// of failing the attempt (the history shows it as
+    /// waits in the outbox (its publish retrying), while
+    /// [`Transport::check`](crate::Transport::check) fails, or when the
+    /// check failed at any time since the deadline started (the reply may
+    /// still wait in the participant's outbox), nobody could have
+    /// answered, and the deadline moves on by its own length instead of
+    /// failing the attempt (the history shows it as
     /// [`StepStatus::Postponed`](crate::StepStatus::Postponed)). `None`
     /// waits forever: a lost command or reply then leaves the saga waiting.
     pub deadline: Option<Duration>,

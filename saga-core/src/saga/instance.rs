@@ -95,8 +95,9 @@ pub enum StepStatus {
     IgnoredReply,
     /// An operator asked to retry a FAILED saga.
     RetryRequested,
-    /// The deadline passed while the transport was unreachable: it moved on
-    /// instead of failing the attempt. Consecutive postponements of one
+    /// The deadline passed while its command waited in the outbox, or the
+    /// transport was unreachable during it: it moved on instead of failing
+    /// the attempt. Consecutive postponements of one
     /// attempt share one history line, updated.
     Postponed,
 }

@@ -13,6 +13,7 @@ use crate::error::{Error, Result, StepError};
 use crate::ids::{MessageId, SagaId};
 use crate::message::Message;
 use crate::reply;
+use crate::retry::RetryPolicy;
 use crate::saga::definition::{
     ErasedDefinition, SagaData, SagaDefinition, StepConfig, StepContext, StepOutcome,
 };
@@ -37,11 +38,21 @@ pub struct OrchestratorConfig {
     pub batch_size: usize,
     /// How often a transition is retried after losing a version race.
     pub conflict_retries: u32,
+    /// How a reply whose handling failed retryably (the store or the
+    /// broker unreachable, a conflict) is tried again. The member keeps the
+    /// delivery and calls the handler again after the policy's backoff, so
+    /// later messages of its key never overtake it; once the policy's
+    /// attempts are used up, the message is dead-lettered with the last
+    /// error. The default, [`RetryPolicy::forever`] (100 ms doubling up to
+    /// 30 s), never dead-letters what an outage caused: a failure that never
+    /// passes shows as a warning per attempt and holds the member.
+    pub handling_retry: RetryPolicy,
 }
 
 impl OrchestratorConfig {
     /// Defaults for a service: replies on `<name>.replies`, polling every
-    /// 200 ms, 30 s leases, 100 sagas per poll, 5 retries after a conflict.
+    /// 200 ms, 30 s leases, 100 sagas per poll, 5 retries after a conflict,
+    /// replies whose handling failed retryably tried again forever.
     pub fn new(name: impl Into<String>) -> Self {
         let name = name.into();
         Self {
@@ -51,6 +62,7 @@ impl OrchestratorConfig {
             lease: Duration::from_secs(30),
             batch_size: 100,
             conflict_retries: 5,
+            handling_retry: RetryPolicy::forever(),
         }
     }
 
@@ -65,6 +77,13 @@ impl OrchestratorConfig {
     #[must_use]
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval;
+        self
+    }
+
+    /// Sets how a reply whose handling failed retryably is tried again.
+    #[must_use]
+    pub fn handling_retry(mut self, policy: RetryPolicy) -> Self {
+        self.handling_retry = policy;
         self
     }
 
@@ -176,8 +195,17 @@ struct Inner<S: Store> {
     config: OrchestratorConfig,
     owner: String,
     definitions: HashMap<String, Arc<dyn ErasedDefinition<S::Tx>>>,
-    /// The last answer of the transport's health check, and when it came.
-    reachable: std::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
+    /// What the transport's health checks said.
+    reachable: std::sync::Mutex<Reachability>,
+}
+
+/// What the transport's health checks said.
+#[derive(Default)]
+struct Reachability {
+    /// The last answer, and when it came.
+    last: Option<(tokio::time::Instant, Result<(), String>)>,
+    /// When (store clock) a check last failed.
+    down_at: Option<DateTime<Utc>>,
 }
 
 /// Why running a step's code did not produce a transition.
@@ -290,6 +318,7 @@ impl<S: Store + Clone> Orchestrator<S> {
             &*self.inner.transport,
             &config.name,
             std::slice::from_ref(&config.reply_channel),
+            config.handling_retry.clone(),
             move |reply| {
                 let this = this.clone();
                 async move { this.handle_reply(&reply).await }
@@ -491,7 +520,14 @@ impl<S: Store + Clone> Orchestrator<S> {
                     }
                 }
                 Ok(()) => succeeded(&mut saga, &*definition, now),
-                Err(error) => failed(&mut saga, &*definition, &error, Attempt::Refused, now),
+                Err(error) => {
+                    let attempt = if error.retryable {
+                        Attempt::Busy
+                    } else {
+                        Attempt::Refused
+                    };
+                    failed(&mut saga, &*definition, &error, attempt, now);
+                }
             }
         }
         saga.updated_at = now;
@@ -520,6 +556,14 @@ impl<S: Store + Clone> Orchestrator<S> {
                 postponed(&mut saga, &*definition, why, now);
             } else if let Err(unreachable) = self.transport_reachable() {
                 let why = format!("the transport is unreachable ({unreachable})");
+                postponed(&mut saga, &*definition, &why, now);
+            } else if let Some(down_at) = self.down_since(deadline_window(&saga, &*definition)) {
+                // The reply may wait in the participant's outbox, whose
+                // relay is still backing off: the window does not count.
+                let why = format!(
+                    "the transport was unreachable during the deadline (last at {})",
+                    down_at.to_rfc3339()
+                );
                 postponed(&mut saga, &*definition, &why, now);
             } else {
                 let error = StepError::retryable(format!(
@@ -606,7 +650,9 @@ impl<S: Store + Clone> Orchestrator<S> {
     }
 
     /// Asks the transport whether it answers ([`Transport::check`]), at
-    /// most once a second: the poller calls it before driving due sagas, so
+    /// most once a second: the poller calls it on every poll, due sagas or
+    /// not (an outage nobody saw would not postpone the deadlines it
+    /// spanned), and before driving any, so
     /// that a deadline never waits on the broker inside a transaction.
     async fn refresh_reachability(&self) {
         let fresh = self
@@ -621,12 +667,15 @@ impl<S: Store + Clone> Orchestrator<S> {
             .check()
             .await
             .map_err(|e| e.to_string());
-        *self
-            .inner
-            .reachable
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some((tokio::time::Instant::now(), answer));
+        let down_at = match answer {
+            Ok(()) => None,
+            Err(_) => Some(self.inner.store.now().await),
+        };
+        let mut reachability = self.reachability();
+        reachability.last = Some((tokio::time::Instant::now(), answer));
+        if down_at.is_some() {
+            reachability.down_at = down_at;
+        }
     }
 
     /// The transport's last answer; reachable while it was never asked.
@@ -635,12 +684,21 @@ impl<S: Store + Clone> Orchestrator<S> {
             .map_or(Ok(()), |(_, answer)| answer)
     }
 
+    /// When the transport was last seen unreachable, if that was at or
+    /// after `since`.
+    fn down_since(&self, since: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.reachability().down_at.filter(|at| *at >= since)
+    }
+
     fn reachability_cache(&self) -> Option<(tokio::time::Instant, Result<(), String>)> {
+        self.reachability().last.clone()
+    }
+
+    fn reachability(&self) -> std::sync::MutexGuard<'_, Reachability> {
         self.inner
             .reachable
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
     }
 
     fn address_command(&self, saga: &SagaInstance, phase: Phase, message: &mut Message) {
@@ -673,6 +731,9 @@ impl<S: Store + Clone> Orchestrator<S> {
             if signal.is_stopping() {
                 return;
             }
+            // Asked whether or not a saga is due: an outage nobody saw
+            // would not postpone the deadlines it spanned.
+            self.refresh_reachability().await;
             let claimed = self
                 .inner
                 .store
@@ -686,9 +747,6 @@ impl<S: Store + Clone> Orchestrator<S> {
             let full = match claimed {
                 Ok(ids) => {
                     let full = ids.len() >= config.batch_size;
-                    if !ids.is_empty() {
-                        self.refresh_reachability().await;
-                    }
                     for id in ids {
                         if let Err(error) = self.drive(id).await {
                             tracing::warn!(saga = %id, %error, "advancing a due saga failed; it stays due");
@@ -765,6 +823,18 @@ fn succeeded<Tx: Send + 'static>(
     }
 }
 
+/// When the deadline that is due now started running.
+fn deadline_window<Tx: Send + 'static>(
+    saga: &SagaInstance,
+    definition: &dyn ErasedDefinition<Tx>,
+) -> DateTime<Utc> {
+    let deadline = definition
+        .config(saga.step)
+        .deadline
+        .unwrap_or(StepConfig::DEFAULT_DEADLINE);
+    saga.wake_at.unwrap_or_default() - clock::to_chrono(deadline)
+}
+
 /// The deadline passed while nobody could have answered: it moves on by
 /// its own length, and the history says why (one line per attempt, updated).
 fn postponed<Tx: Send + 'static>(
@@ -807,8 +877,14 @@ fn postponed<Tx: Send + 'static>(
 /// been applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Attempt {
-    /// The step refused (a failure reply, or a local step's error): nothing applied.
+    /// The step refused for good (a failure reply that is not retryable,
+    /// or a local step's error): nothing applied, and the participant
+    /// answers every other attempt of the step with the same refusal.
     Refused,
+    /// The participant failed this attempt for now (a retryable failure
+    /// reply): nothing applied by it, but an earlier attempt may still be
+    /// on its way and apply the step, so giving up compensates it too.
+    Busy,
     /// No reply within the deadline: the participant may have applied it.
     TimedOut,
     /// The participant applied it, but its reply could not be read into the
@@ -856,9 +932,11 @@ fn failed<Tx: Send + 'static>(
             saga.error = Some(format!("step `{step_name}` failed: {}", error.message));
             saga.state = SagaState::Compensating;
             saga.wake_at = Some(now);
-            // A timed-out command may have been applied, and an applied one
-            // whose reply could not be read was: compensate it too (the
-            // participant runtime skips the compensation if it never ran).
+            // A timed-out command may have been applied, an earlier attempt
+            // of a step that was busy may still arrive and apply it, and an
+            // applied one whose reply could not be read was: compensate it
+            // too (the participant runtime skips the compensation if the
+            // action never ran, and then refuses any late attempt).
             if attempt == Attempt::Refused {
                 if saga.step == 0 {
                     saga.state = SagaState::Compensated;

@@ -52,6 +52,8 @@ struct Remote {
     channel: String,
     /// Its `on_reply` fails, as after a reply schema changed in a deploy.
     unreadable_reply: bool,
+    /// How the participant's action fails before it succeeds.
+    refusals: Refusals,
     /// Its policies.
     config: StepConfig,
 }
@@ -89,14 +91,45 @@ impl<Tx: Send + 'static> SagaStep<Order, Tx> for Remote {
     }
 }
 
-/// The participant's handler of one command type: logs it as an effect.
+/// The first `times` runs of a step's action fail (`retryable` or for
+/// good), as when stock is out until another order gives some back.
+#[derive(Clone, Copy, Default)]
+struct Refusals {
+    times: u32,
+    retryable: bool,
+}
+
+/// The participant's handler of one command type: logs it as an effect,
+/// after the refusals it has left.
 struct Apply {
     effects: Effects,
+    refusals: Mutex<Refusals>,
+}
+
+impl Apply {
+    fn new(effects: &Effects, refusals: Refusals) -> Self {
+        Self {
+            effects: effects.clone(),
+            refusals: Mutex::new(refusals),
+        }
+    }
 }
 
 #[async_trait]
 impl<Tx: Send + 'static> CommandHandler<Tx> for Apply {
     async fn handle(&self, _: &mut Tx, command: &Message) -> Result<Reply, StepError> {
+        {
+            let mut refusals = self.refusals.lock().unwrap();
+            if refusals.times > 0 {
+                refusals.times -= 1;
+                let why = format!("{} refused (out of stock)", command.message_type);
+                return Err(if refusals.retryable {
+                    StepError::retryable(why)
+                } else {
+                    StepError::rejected(why)
+                });
+            }
+        }
         self.effects
             .0
             .lock()
@@ -137,14 +170,12 @@ impl<S: Store + Clone> Rig<S> {
         );
         let mut definition = SagaDefinition::new("order");
         for step in steps {
-            for command in [step.name.to_owned(), format!("{}.undo", step.name)] {
-                participant = participant.on(
-                    command,
-                    Apply {
-                        effects: effects.clone(),
-                    },
+            participant = participant
+                .on(step.name, Apply::new(&effects, step.refusals))
+                .on(
+                    format!("{}.undo", step.name),
+                    Apply::new(&effects, Refusals::default()),
                 );
-            }
             let config = step.config.clone();
             definition = definition.step_with(step, config);
         }
@@ -170,11 +201,49 @@ impl<S: Store + Clone> Rig<S> {
     /// One remote step, `reserve`, with a 300 ms deadline and three quick
     /// attempts, over `transport`.
     async fn hurried(store: S, relay: SpawnRelay<S>, transport: Arc<dyn Transport>) -> Self {
+        Self::hurried_refusing(store, relay, transport, Refusals::default()).await
+    }
+
+    /// [`hurried`](Self::hurried), with the participant refusing first.
+    async fn hurried_refusing(
+        store: S,
+        relay: SpawnRelay<S>,
+        transport: Arc<dyn Transport>,
+        refusals: Refusals,
+    ) -> Self {
         let step = Remote {
             config: hurried(),
+            refusals,
             ..remote("reserve", &unique("stock.commands"))
         };
         Self::start_on(store, relay, transport, vec![step]).await
+    }
+
+    /// Waits until the saga ignored a reply to attempt `attempt`: the
+    /// participant handled that attempt's command.
+    async fn ignored_reply_to(&self, id: SagaId, attempt: u32) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let history = self
+                .orchestrator
+                .saga(id)
+                .await
+                .unwrap()
+                .unwrap()
+                .instance
+                .history;
+            if history
+                .iter()
+                .any(|e| e.status == crate::StepStatus::IgnoredReply && e.attempt == attempt)
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no reply to attempt {attempt} came after {PATIENCE:?}: {history:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn run(&self) -> SagaId {
@@ -219,6 +288,7 @@ fn remote(name: &'static str, channel: &str) -> Remote {
         name,
         channel: channel.to_owned(),
         unreadable_reply: false,
+        refusals: Refusals::default(),
         config: StepConfig::default(),
     }
 }
@@ -242,10 +312,12 @@ enum Fate {
 }
 
 /// The in-memory broker, delaying or losing replies as `fate` says (by the
-/// attempt they answer), as a congested or partly broken broker would.
+/// attempt they answer) and commands as `commands` says (by their
+/// attempt), as a congested or partly broken broker would.
 struct Late {
     inner: MemoryTransport,
     fate: fn(u32) -> Fate,
+    commands: fn(u32) -> Fate,
 }
 
 #[async_trait]
@@ -259,7 +331,7 @@ impl Transport for Late {
         match if is_reply {
             (self.fate)(attempt)
         } else {
-            Fate::Deliver
+            (self.commands)(attempt)
         } {
             Fate::Deliver => self.inner.publish(channel, message).await,
             Fate::Lose => Ok(()),
@@ -285,6 +357,18 @@ impl Transport for Late {
 
     async fn delete_channels(&self, channels: &[String], groups: &[String]) -> crate::Result<()> {
         self.inner.delete_channels(channels, groups).await
+    }
+
+    async fn dead_letters(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> crate::Result<Vec<crate::DeadLetter>> {
+        self.inner.dead_letters(channel, limit).await
+    }
+
+    async fn replay_dead_letter(&self, channel: &str, id: crate::MessageId) -> crate::Result<bool> {
+        self.inner.replay_dead_letter(channel, id).await
     }
 
     fn capabilities(&self) -> crate::Capabilities {
@@ -335,6 +419,7 @@ pub async fn a_late_success_of_an_earlier_attempt_completes_the_step<S: Store + 
             1 => Fate::Delay(Duration::from_millis(700)),
             _ => Fate::Lose,
         },
+        commands: |_| Fate::Deliver,
     };
     let rig = Rig::hurried(store, relay, Arc::new(late)).await;
     let id = rig.run().await;
@@ -343,15 +428,92 @@ pub async fn a_late_success_of_an_earlier_attempt_completes_the_step<S: Store + 
     rig.stop().await;
 }
 
+/// A refusal is the step's final answer. The first command is delayed past
+/// its deadline; the retry is refused (out of stock) and the saga turns
+/// back. When the first command arrives, stock is back: before, it was
+/// applied and nothing undid it (found by the process campaign, an order
+/// CANCELLED with its stock reserved). The participant answers it with the
+/// stored refusal instead.
+pub async fn an_earlier_attempt_arriving_after_a_refusal_is_not_applied<S: Store + Clone>(
+    store: S,
+    relay: SpawnRelay<S>,
+) {
+    let refused_once = Refusals {
+        times: 1,
+        retryable: false,
+    };
+    first_command_late(
+        store,
+        relay,
+        refused_once,
+        "the late first attempt is refused as the retry was",
+    )
+    .await;
+}
+
+/// A step given up after retryable failures is compensated: its first
+/// command, delayed past the deadline, may still arrive and apply it.
+/// Before, the saga turned back from the step before, and the late command
+/// reserved stock nothing undid. Now the step's compensation runs first;
+/// finding nothing applied, it leaves a mark that refuses the late command.
+pub async fn a_step_given_up_while_busy_is_compensated_in_case_an_attempt_arrives_late<
+    S: Store + Clone,
+>(
+    store: S,
+    relay: SpawnRelay<S>,
+) {
+    let busy_twice = Refusals {
+        times: 2,
+        retryable: true,
+    };
+    first_command_late(
+        store,
+        relay,
+        busy_twice,
+        "nothing applied: the compensation came first and the late attempt is refused",
+    )
+    .await;
+}
+
+/// The step's first command arrives 1 s late, past its deadline; the
+/// participant answers the attempts before it with `refusals`. The saga
+/// compensates, its late first attempt is answered with the stored outcome
+/// and ignored, and nothing stays applied (`why` says why not).
+async fn first_command_late<S: Store + Clone>(
+    store: S,
+    relay: SpawnRelay<S>,
+    refusals: Refusals,
+    why: &str,
+) {
+    let late = Late {
+        inner: MemoryTransport::default(),
+        fate: |_| Fate::Deliver,
+        commands: |attempt| match attempt {
+            1 => Fate::Delay(Duration::from_secs(1)),
+            _ => Fate::Deliver,
+        },
+    };
+    let rig = Rig::hurried_refusing(store, relay, Arc::new(late), refusals).await;
+    let id = rig.run().await;
+    assert_eq!(rig.ended(id).await, SagaState::Compensated);
+    rig.ignored_reply_to(id, 1).await;
+    assert_eq!(rig.effects.log(), Vec::<String>::new(), "{why}");
+    rig.stop().await;
+}
+
 /// While the transport is unreachable, deadlines do not use up attempts:
 /// they move on, and the history says why. After an outage of five
-/// deadlines, the saga completes as it would have without it.
+/// deadlines, the saga completes as it would have without it. (An attempt
+/// may still time out after the outage, on a machine too busy to answer
+/// within the 300 ms deadline; none does during it.)
 pub async fn deadlines_wait_while_the_transport_is_unreachable<S: Store + Clone>(
     store: S,
     relay: SpawnRelay<S>,
 ) {
     let broker = MemoryTransport::default();
-    broker.outage(Duration::from_millis(1500));
+    let outage = Duration::from_millis(1500);
+    let outage_ends = crate::clock::now() + outage;
+    broker.outage(outage);
     let rig = Rig::hurried(store, relay, Arc::new(broker)).await;
     let id = rig.run().await;
     assert_eq!(rig.ended(id).await, SagaState::Completed);
@@ -373,8 +535,8 @@ pub async fn deadlines_wait_while_the_transport_is_unreachable<S: Store + Clone>
     assert!(
         !history
             .iter()
-            .any(|e| e.status == crate::StepStatus::TimedOut),
-        "no attempt timed out during the outage: {history:#?}"
+            .any(|e| e.status == crate::StepStatus::TimedOut && e.at < outage_ends),
+        "no attempt timed out during the outage (it ended at {outage_ends}): {history:#?}"
     );
     rig.stop().await;
 }
@@ -411,9 +573,7 @@ pub async fn a_compensation_after_its_mark_was_purged_still_undoes<S: Store + Cl
 ) {
     use crate::Phase;
     let effects = Effects::default();
-    let apply = || Apply {
-        effects: effects.clone(),
-    };
+    let apply = || Apply::new(&effects, Refusals::default());
     let participant = Participant::new(
         unique("stock"),
         unique("stock.commands"),
@@ -534,4 +694,178 @@ pub async fn a_replayed_failed_event_runs_its_handler_again<S: Store + Clone>(
         .await
         .expect("a duplicate of a handled event is skipped");
     assert_eq!(*seen.lock().unwrap(), 2, "once handled, never again");
+}
+
+/// An event handler that fails retryably on its first `failures` calls,
+/// then succeeds; it records when each call came.
+struct FailsAtFirst {
+    failures: usize,
+    calls: Arc<Mutex<Vec<tokio::time::Instant>>>,
+}
+
+#[async_trait]
+impl<Tx: Send + 'static> crate::EventHandler<Tx> for FailsAtFirst {
+    async fn handle(
+        &self,
+        _: &mut crate::EventContext<'_, Tx>,
+        _: &Message,
+    ) -> Result<(), StepError> {
+        let mut calls = self.calls.lock().unwrap();
+        calls.push(tokio::time::Instant::now());
+        if calls.len() <= self.failures {
+            return Err(StepError::retryable("the pricing service is restarting"));
+        }
+        Ok(())
+    }
+}
+
+/// Waits until `calls` holds `count` calls (or the patience runs out).
+async fn calls_reach(calls: &Arc<Mutex<Vec<tokio::time::Instant>>>, count: usize) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while calls.lock().unwrap().len() < count && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The log statuses of `correlation`, in order.
+async fn log_of<S: Store>(store: &S, correlation: &str) -> Vec<crate::saga::LogStatus> {
+    crate::SagaStore::log(store, correlation)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.status)
+        .collect()
+}
+
+/// A choreography event whose handler fails retryably more often than the
+/// transport's delivery limit is retried in place with the consumer's
+/// backoff, and handled once the cause passes: never dead-lettered.
+pub async fn a_failing_event_is_retried_with_backoff_not_dead_lettered<S: Store + Clone>(
+    store: S,
+    _relay: SpawnRelay<S>,
+) {
+    let transport = MemoryTransport::default();
+    let channel = unique("order.events");
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let backoff = Duration::from_millis(40);
+    let consumer = crate::EventConsumer::new(
+        unique("pricing"),
+        [channel.clone()],
+        store.clone(),
+        Arc::new(transport.clone()),
+    )
+    .on(
+        "order.placed",
+        FailsAtFirst {
+            failures: 8,
+            calls: Arc::clone(&calls),
+        },
+    )
+    .handling_retry(
+        RetryPolicy::forever()
+            .with_backoff(backoff, backoff)
+            .with_jitter(0.0),
+    );
+    let _worker = consumer.spawn().await.unwrap();
+    let correlation = unique("order");
+    let event = Message::new("order.placed", b"{}".to_vec()).with_correlation_id(&correlation);
+    transport.publish(&channel, &event).await.unwrap();
+    calls_reach(&calls, 9).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while log_of(&store, &correlation).await.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        transport
+            .dead_letters(&channel, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a retryable failure is not dead-lettered, whatever the delivery limit (5)"
+    );
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 9, "8 failures, then handled once");
+    for pair in calls.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= backoff,
+            "each retry waits the backoff: {:?}",
+            pair[1] - pair[0]
+        );
+    }
+    assert_eq!(
+        log_of(&store, &correlation).await,
+        [crate::saga::LogStatus::Handled]
+    );
+}
+
+/// With a bounded consumer retry policy, an event that keeps failing is
+/// dead-lettered with its last error; listed and replayed through the
+/// transport once the cause passed, it runs its handler again.
+pub async fn an_event_whose_retries_ran_out_is_replayed_through_the_transport<S: Store + Clone>(
+    store: S,
+    _relay: SpawnRelay<S>,
+) {
+    let transport = MemoryTransport::default();
+    let channel = unique("order.events");
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let consumer = crate::EventConsumer::new(
+        unique("pricing"),
+        [channel.clone()],
+        store.clone(),
+        Arc::new(transport.clone()),
+    )
+    .on(
+        "order.placed",
+        FailsAtFirst {
+            failures: 3,
+            calls: Arc::clone(&calls),
+        },
+    )
+    .handling_retry(
+        RetryPolicy::attempts(3).with_backoff(Duration::from_millis(10), Duration::from_millis(10)),
+    );
+    let _worker = consumer.spawn().await.unwrap();
+    let correlation = unique("order");
+    let event = Message::new("order.placed", b"{}".to_vec()).with_correlation_id(&correlation);
+    transport.publish(&channel, &event).await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut listed = Vec::new();
+    while listed.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        listed = transport.dead_letters(&channel, 10).await.unwrap();
+    }
+    assert_eq!(listed.len(), 1, "dead-lettered once its 3 attempts failed");
+    assert_eq!(listed[0].message.id, event.id);
+    assert!(
+        listed[0].error.contains("failed 3 times")
+            && listed[0]
+                .error
+                .contains("the pricing service is restarting"),
+        "the dead letter says why: {:?}",
+        listed[0].error
+    );
+    assert_eq!(calls.lock().unwrap().len(), 3);
+    assert!(
+        transport
+            .replay_dead_letter(&channel, event.id)
+            .await
+            .unwrap()
+    );
+    calls_reach(&calls, 4).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while log_of(&store, &correlation).await.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(calls.lock().unwrap().len(), 4, "the replay ran the handler");
+    assert_eq!(
+        log_of(&store, &correlation).await,
+        [crate::saga::LogStatus::Handled]
+    );
+    assert!(
+        transport
+            .dead_letters(&channel, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

@@ -21,6 +21,7 @@
 //! The generated tests need `tokio` (with `macros` and `rt-multi-thread`) in
 //! the calling crate's dev-dependencies.
 
+pub mod chaos;
 pub mod engine;
 pub mod idempotency;
 pub mod outbox;
@@ -64,6 +65,64 @@ pub fn free_port() -> u16 {
         .expect("a free port on 127.0.0.1")
 }
 
+/// A process a test SIGKILLs and starts again the same way (a broker of its
+/// own, a service); killed when dropped.
+pub struct Process {
+    command: Box<dyn Fn() -> std::process::Command + Send + Sync>,
+    child: Option<std::process::Child>,
+}
+
+impl Process {
+    /// Not started yet; `command` makes its command line, alike every time.
+    pub fn new(command: impl Fn() -> std::process::Command + Send + Sync + 'static) -> Self {
+        Self {
+            command: Box::new(command),
+            child: None,
+        }
+    }
+
+    /// Starts it, after killing it if it runs.
+    pub fn start(&mut self) {
+        self.kill();
+        let mut command = (self.command)();
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("{:?} starts: {e}", command.get_program()));
+        self.child = Some(child);
+    }
+
+    /// SIGKILLs it and waits for it to end (nothing if it does not run).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Asks `probe` every 50 ms until it answers `true`; panics saying that
+/// `what` did not come up when `within` has passed.
+pub async fn until_up<F, Fut>(what: &str, within: Duration, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !probe().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not come up within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// How long a suite waits for something that must happen.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
@@ -104,6 +163,7 @@ macro_rules! outbox_conformance {
                 concurrent_claims_never_overlap,
                 writes_of_a_relay_that_lost_its_lease_are_refused,
                 pending_messages_are_found_by_id,
+                cancelled_begins_and_commits_leave_the_store_usable,
             ]
         );
     };
@@ -166,11 +226,22 @@ macro_rules! engine_conformance {
             [
                 a_step_whose_reply_cannot_be_read_is_compensated,
                 a_late_success_of_an_earlier_attempt_completes_the_step,
+                an_earlier_attempt_arriving_after_a_refusal_is_not_applied,
+                a_step_given_up_while_busy_is_compensated_in_case_an_attempt_arrives_late,
                 deadlines_wait_while_the_transport_is_unreachable,
                 a_compensation_after_its_mark_was_purged_still_undoes,
                 a_replayed_failed_event_runs_its_handler_again,
+                a_failing_event_is_retried_with_backoff_not_dead_lettered,
+                an_event_whose_retries_ran_out_is_replayed_through_the_transport,
             ]
         );
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn sagas_under_chaos_end_as_planned() {
+            let Some(subject) = $setup().await else {
+                return;
+            };
+            $crate::testing::chaos::sagas_under_chaos_end_as_planned(subject, $relay).await;
+        }
     };
 }
 
@@ -221,6 +292,7 @@ macro_rules! transport_conformance {
                 every_group_gets_every_message,
                 repeated_nacks_end_in_the_dead_letter_channel,
                 dead_lettered_message_is_not_redelivered,
+                dead_letters_are_listed_and_replayed,
                 publish_batch_confirms_each_message,
                 deleted_channels_start_afresh,
             ]

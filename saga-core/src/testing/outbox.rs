@@ -422,3 +422,38 @@ pub async fn concurrent_claims_never_overlap<S: OutboxStore>(store: S) {
     let rest = store.claim(&request("r3", 100, now)).await.unwrap();
     assert_eq!(seen.len() + rest.len(), 60);
 }
+
+/// Callers whose `begin` or `commit` is cancelled midway (an aborted task, a
+/// `select!`, a timeout) leave no connection inside a transaction: every
+/// transaction afterwards begins at once, and what it commits is there.
+pub async fn cancelled_begins_and_commits_leave_the_store_usable<S: OutboxStore>(store: S) {
+    let mut rng = fastrand::Rng::with_seed(0x5a6a);
+    for _ in 0..300 {
+        let wait = Duration::from_micros(rng.u64(0..3000));
+        if let Ok(Ok(mut tx)) = tokio::time::timeout(wait, store.begin()).await {
+            store
+                .enqueue(&mut tx, &[entry(None, "maybe")])
+                .await
+                .expect("enqueue");
+            let wait = Duration::from_micros(rng.u64(0..3000));
+            let _ = tokio::time::timeout(wait, store.commit(tx)).await;
+        }
+    }
+    let before = store.stats().await.expect("stats").pending;
+    for index in 0..16 {
+        let committed = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut tx = store.begin().await?;
+            store
+                .enqueue(&mut tx, &[entry(None, &format!("sure-{index}"))])
+                .await?;
+            store.commit(tx).await
+        })
+        .await;
+        assert!(
+            matches!(committed, Ok(Ok(()))),
+            "transaction {index} after the cancellations: {committed:?}"
+        );
+    }
+    let after = store.stats().await.expect("stats").pending;
+    assert_eq!(after - before, 16, "every committed message is there");
+}

@@ -400,6 +400,106 @@ pub async fn dead_lettered_message_is_not_redelivered<T: Transport>(transport: T
     nothing_more(&mut sub).await;
 }
 
+/// Dead letters are listed oldest first with their error, and a replayed one
+/// is delivered again as first published, then no longer listed.
+pub async fn dead_letters_are_listed_and_replayed<T: Transport>(transport: T) {
+    let channel = unique("events");
+    let mut sub = subscribe(&transport, &unique("group"), &channel).await;
+    // One key: the case reads them in the order published, which a
+    // transport keeps per key only.
+    let (good, first, second) = (
+        keyed("k", "good"),
+        keyed("k", "poison-1"),
+        keyed("k", "poison-2"),
+    );
+    for m in [&good, &first, &second] {
+        transport.publish(&channel, m).await.unwrap();
+    }
+    for (expected, error) in [
+        (&good, None),
+        (&first, Some("bad input 1")),
+        (&second, Some("bad input 2")),
+    ] {
+        let delivery = receive(&mut sub).await;
+        assert_eq!(delivery.message.id, expected.id);
+        match error {
+            None => delivery.ack().await.unwrap(),
+            Some(error) => delivery.dead_letter(error).await.unwrap(),
+        }
+    }
+    let listed = transport.dead_letters(&channel, 10).await.unwrap();
+    let summary: Vec<(MessageId, &str)> = listed
+        .iter()
+        .map(|l| (l.message.id, l.error.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [(first.id, "bad input 1"), (second.id, "bad input 2")],
+        "the dead letters, oldest first, with their errors"
+    );
+    assert_eq!(listed[0].message.payload, first.payload);
+    assert_eq!(listed[0].message.message_type, first.message_type);
+    assert_eq!(listed[0].message.header(headers::DEAD_LETTER_ERROR), None);
+    let one = transport.dead_letters(&channel, 1).await.unwrap();
+    assert_eq!(one.len(), 1, "the limit holds");
+    assert_eq!(one[0].message.id, first.id);
+    assert!(
+        transport
+            .dead_letters(&channel, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        transport
+            .dead_letters(&unique("quiet"), 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a channel with no dead letter lists none"
+    );
+
+    assert!(
+        transport
+            .replay_dead_letter(&channel, first.id)
+            .await
+            .unwrap(),
+        "the dead letter is replayed"
+    );
+    let again = receive(&mut sub).await;
+    assert_eq!(again.message.id, first.id, "delivered again");
+    assert_eq!(again.message.payload, first.payload);
+    assert_eq!(
+        again.message.header(headers::DEAD_LETTER_ERROR),
+        None,
+        "as first published, without the dead-letter headers"
+    );
+    again.ack().await.unwrap();
+    let left: Vec<MessageId> = transport
+        .dead_letters(&channel, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.message.id)
+        .collect();
+    assert_eq!(left, [second.id], "a replayed dead letter is off the list");
+    assert!(
+        !transport
+            .replay_dead_letter(&channel, first.id)
+            .await
+            .unwrap(),
+        "replayed once only"
+    );
+    assert!(
+        !transport
+            .replay_dead_letter(&channel, MessageId::new())
+            .await
+            .unwrap(),
+        "an unknown id is not replayed"
+    );
+    nothing_more(&mut sub).await;
+}
+
 /// A batch publish confirms each message; all are delivered.
 pub async fn publish_batch_confirms_each_message<T: Transport>(transport: T) {
     let channel = unique("events");

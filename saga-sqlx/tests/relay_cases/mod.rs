@@ -33,7 +33,9 @@ pub fn spawn_relay<S: OutboxStore + Clone>(
     Relay::new(
         store,
         transport,
-        RelayConfig::default().poll_interval(Duration::from_millis(20)),
+        RelayConfig::default()
+            .poll_interval(Duration::from_millis(20))
+            .lease(Duration::from_secs(2)),
     )
     .spawn()
 }
@@ -229,4 +231,142 @@ pub async fn dropped_workers_end<S: saga_core::Store + Clone>(store: S) {
     let retention = Retention::new(store.clone(), policy);
     ends_when_dropped("retention", async || Ok(retention.spawn())).await;
     engine_workers_end_when_dropped(store, transport).await;
+}
+
+/// A transport that remembers, per ordering key, which relay is publishing
+/// it right now, and counts the times two relays published one key at once.
+struct KeyWatch {
+    inner: MemoryTransport,
+    relay: usize,
+    in_flight: Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
+    overlaps: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl saga_core::Transport for KeyWatch {
+    async fn publish(&self, channel: &str, message: &Message) -> saga_core::Result<()> {
+        let key = message.ordering_key.clone().unwrap_or_default();
+        let other = self
+            .in_flight
+            .lock()
+            .unwrap()
+            .insert(key.clone(), self.relay);
+        if other.is_some_and(|other| other != self.relay) {
+            self.overlaps
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        // Long enough for another relay to come by.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let published = self.inner.publish(channel, message).await;
+        let mut in_flight = self.in_flight.lock().unwrap();
+        if in_flight.get(&key) == Some(&self.relay) {
+            in_flight.remove(&key);
+        }
+        published
+    }
+
+    async fn subscribe(
+        &self,
+        group: &str,
+        channels: &[String],
+    ) -> saga_core::Result<Box<dyn saga_core::Subscription>> {
+        self.inner.subscribe(group, channels).await
+    }
+
+    async fn delete_channels(
+        &self,
+        channels: &[String],
+        groups: &[String],
+    ) -> saga_core::Result<()> {
+        self.inner.delete_channels(channels, groups).await
+    }
+
+    async fn dead_letters(
+        &self,
+        channel: &str,
+        limit: usize,
+    ) -> saga_core::Result<Vec<saga_core::DeadLetter>> {
+        self.inner.dead_letters(channel, limit).await
+    }
+
+    async fn replay_dead_letter(
+        &self,
+        channel: &str,
+        id: saga_core::MessageId,
+    ) -> saga_core::Result<bool> {
+        self.inner.replay_dead_letter(channel, id).await
+    }
+
+    fn capabilities(&self) -> saga_core::Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+/// Several writers commit messages of the same keys at once, so a key's
+/// messages commit in another order than they were numbered, while two
+/// relays publish: a key is never published by both relays at the same
+/// time (its order at the broker would then be the broker's guess), and
+/// every message arrives once.
+pub async fn concurrent_writers_of_one_key_never_have_it_published_twice_at_once<
+    S: OutboxStore + Clone,
+>(
+    store: S,
+) {
+    const WRITERS: usize = 8;
+    const PER_WRITER: usize = 40;
+    let memory = MemoryTransport::default();
+    let in_flight = Arc::default();
+    let overlaps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let relays: Vec<_> = (0..2)
+        .map(|relay| {
+            let transport = KeyWatch {
+                inner: memory.clone(),
+                relay,
+                in_flight: Arc::clone(&in_flight),
+                overlaps: Arc::clone(&overlaps),
+            };
+            Relay::new(
+                store.clone(),
+                Arc::new(transport),
+                config(&format!("relay-{relay}")).poll_interval(Duration::from_millis(5)),
+            )
+            .spawn()
+        })
+        .collect();
+    let mut writers = Vec::new();
+    for writer in 0..WRITERS {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            for n in 0..PER_WRITER {
+                let mut tx = store.begin().await.unwrap();
+                let message = Message::new("test.event", format!("w{writer}-{n}").into_bytes())
+                    .with_ordering_key(format!("k{}", (writer + n) % 2));
+                store
+                    .enqueue(&mut tx, &[OutboxEntry::new(CHANNEL, message)])
+                    .await
+                    .unwrap();
+                // Hold the transaction a little: later numbers commit first.
+                let hold = (writer * 7 + n * 13) % 10;
+                tokio::time::sleep(Duration::from_millis(hold as u64)).await;
+                store.commit(tx).await.unwrap();
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    wait_until_delivered(&store, Duration::from_secs(60))
+        .await
+        .unwrap();
+    for relay in relays {
+        relay.shutdown().await;
+    }
+    let published = memory.published(CHANNEL);
+    let unique: HashSet<_> = published.iter().map(|m| m.id).collect();
+    assert_eq!(unique.len(), WRITERS * PER_WRITER, "every message arrived");
+    assert_eq!(
+        overlaps.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a key was published by two relays at the same time"
+    );
 }
