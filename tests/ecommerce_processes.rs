@@ -499,7 +499,7 @@ fn setting(name: &str, default: u64) -> u64 {
 /// order PENDING, stock and money exact, every outbox drained with nothing
 /// dead.
 ///
-/// `SAGA_CAMPAIGN_ORDERS` (default 500), `SAGA_CAMPAIGN_KILLS` (default 6)
+/// `SAGA_CAMPAIGN_ORDERS` (default 500), `SAGA_CAMPAIGN_KILLS` (default 5)
 /// and `SAGA_CAMPAIGN_OUTAGE_SECS` (default 15) scale it up;
 /// `SAGA_CAMPAIGN_SEED` repeats a fault schedule (the faults say theirs).
 async fn campaign(mode: &str, broker: Broker) {

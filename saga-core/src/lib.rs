@@ -74,7 +74,12 @@
 //!    with [`wire::to_headers`] and [`wire::from_headers`], dead-letter what
 //!    does not decode, make a dropped [`Delivery`] come again, answer
 //!    [`Transport::check`] from the broker, delete what
-//!    [`Transport::delete_channels`] names, and report honest
+//!    [`Transport::delete_channels`] names, list and replay what it
+//!    dead-lettered ([`Transport::dead_letters`],
+//!    [`Transport::replay_dead_letter`]), keep a delivery its member is
+//!    still retrying from being handed to another member
+//!    ([`Acknowledger::keep`], where the broker would otherwise reclaim
+//!    it), and report honest
 //!    [`Capabilities`] (written out again to `transport_conformance!`, so
 //!    the cases of what is not claimed show as not run).
 //! 4. In your tests, call the suites of [`testing`] with a setup function that
@@ -84,8 +89,11 @@
 //!    test binary of its own, with a hook that restarts the real broker
 //!    (saga-redis, saga-amqp and saga-kafka show three ways).
 //! 5. Map native error codes to [`Error::is_retryable`]: serialization
-//!    failures, deadlocks, broker retriable codes are retryable; syntax and
-//!    authorization errors are not.
+//!    failures, deadlocks, broker retriable codes are retryable; syntax
+//!    errors and constraint violations in a query are not. Failing to open a
+//!    transaction at all (a database restarting or refusing connections, a
+//!    password being rotated) is retryable: nothing in the message being
+//!    handled causes it, so it must never dead-letter that message.
 
 pub mod choreography;
 pub mod clock;

@@ -297,6 +297,8 @@ pub struct SagaFilter {
     pub state: Option<SagaState>,
     /// Only sagas of this type.
     pub saga_type: Option<String>,
+    /// Only sagas created before this.
+    pub started_before: Option<DateTime<Utc>>,
     /// At most this many (0: no limit).
     pub limit: usize,
 }

@@ -934,7 +934,8 @@ impl SagaStore for PostgresStore {
     async fn list(&self, filter: &SagaFilter) -> Result<Vec<SagaInstance>> {
         let rows = sqlx::query(&format!(
             "SELECT {SAGA_COLUMNS} FROM {} WHERE ($1::text IS NULL OR state = $1) \
-             AND ($2::text IS NULL OR saga_type = $2) ORDER BY created_at, id LIMIT $3",
+             AND ($2::text IS NULL OR saga_type = $2) \
+             AND ($4::timestamptz IS NULL OR created_at < $4) ORDER BY created_at, id LIMIT $3",
             self.t("saga_instances")
         ))
         .bind(filter.state.map(SagaState::as_str))
@@ -944,6 +945,7 @@ impl SagaStore for PostgresStore {
         } else {
             i64::try_from(filter.limit).unwrap_or(i64::MAX)
         })
+        .bind(filter.started_before)
         .fetch_all(&self.pool)
         .await
         .map_err(db("listing sagas"))?;

@@ -758,7 +758,8 @@ impl SagaStore for SqliteStore {
     async fn list(&self, filter: &SagaFilter) -> Result<Vec<SagaInstance>> {
         let rows = sqlx::query(&format!(
             "SELECT {SAGA_COLUMNS} FROM saga_instances WHERE (?1 IS NULL OR state = ?1) \
-             AND (?2 IS NULL OR saga_type = ?2) ORDER BY created_at, id LIMIT ?3"
+             AND (?2 IS NULL OR saga_type = ?2) AND (?4 IS NULL OR created_at < ?4) \
+             ORDER BY created_at, id LIMIT ?3"
         ))
         .bind(filter.state.map(SagaState::as_str))
         .bind(&filter.saga_type)
@@ -767,6 +768,7 @@ impl SagaStore for SqliteStore {
         } else {
             limit(filter.limit)
         })
+        .bind(filter.started_before.map(micros))
         .fetch_all(&self.pool)
         .await
         .map_err(db("listing sagas"))?;

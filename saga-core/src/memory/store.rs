@@ -618,6 +618,7 @@ impl SagaStore for MemoryStore {
             .values()
             .filter(|s| filter.state.is_none_or(|st| s.state == st))
             .filter(|s| filter.saga_type.as_ref().is_none_or(|t| &s.saga_type == t))
+            .filter(|s| filter.started_before.is_none_or(|at| s.created_at < at))
             .cloned()
             .collect();
         sagas.sort_by_key(|s| (s.created_at, s.id));

@@ -397,6 +397,28 @@ impl<S: Store + Clone> Orchestrator<S> {
             .collect())
     }
 
+    /// Sagas still RUNNING or COMPENSATING that started more than `age`
+    /// ago, oldest first: the operator's query for sagas that take longer
+    /// than they should. With the transport up, a saga under the default
+    /// step settings ends within the bound the README's "What the defaults
+    /// bound" table gives; one listed here well past it is waiting, and its
+    /// history's last line says for what (a `Postponed` line names an
+    /// unreachable transport or a command still waiting in the outbox).
+    pub async fn overdue(&self, age: Duration) -> Result<Vec<SagaView>> {
+        let started_before = self.inner.store.now().await - clock::to_chrono(age);
+        let mut sagas = Vec::new();
+        for state in [SagaState::Running, SagaState::Compensating] {
+            let filter = SagaFilter {
+                state: Some(state),
+                started_before: Some(started_before),
+                ..SagaFilter::default()
+            };
+            sagas.extend(self.inner.store.list(&filter).await?);
+        }
+        sagas.sort_by_key(|s| (s.created_at, s.id));
+        Ok(sagas.into_iter().map(|s| self.view(s)).collect())
+    }
+
     /// Operator action: compensates a FAILED saga again from the compensation
     /// that failed, with fresh attempts.
     pub async fn retry(&self, id: SagaId) -> Result<()> {

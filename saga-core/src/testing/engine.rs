@@ -246,6 +246,27 @@ impl<S: Store + Clone> Rig<S> {
         }
     }
 
+    /// Waits until [`Orchestrator::overdue`] lists the saga with a
+    /// postponed deadline as its last history line; returns that line.
+    async fn listed_as_overdue(&self, id: SagaId) -> crate::StepEvent {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let overdue = self.orchestrator.overdue(Duration::ZERO).await.unwrap();
+            let last = overdue
+                .into_iter()
+                .find(|view| view.instance.id == id)
+                .and_then(|view| view.instance.history.last().cloned());
+            if let Some(last) = last.filter(|e| e.status == crate::StepStatus::Postponed) {
+                return last;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "saga {id} was not listed as overdue with a postponed deadline within {PATIENCE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn run(&self) -> SagaId {
         self.orchestrator
             .start_saga(
@@ -502,7 +523,8 @@ async fn first_command_late<S: Store + Clone>(
 }
 
 /// While the transport is unreachable, deadlines do not use up attempts:
-/// they move on, and the history says why. After an outage of five
+/// they move on, and the history says why. Meanwhile the operator's query
+/// ([`Orchestrator::overdue`]) lists the saga with that reason. After an outage of five
 /// deadlines, the saga completes as it would have without it. (An attempt
 /// may still time out after the outage, on a machine too busy to answer
 /// within the 300 ms deadline; none does during it.)
@@ -516,7 +538,21 @@ pub async fn deadlines_wait_while_the_transport_is_unreachable<S: Store + Clone>
     broker.outage(outage);
     let rig = Rig::hurried(store, relay, Arc::new(broker)).await;
     let id = rig.run().await;
+    let waiting = rig.listed_as_overdue(id).await;
+    assert!(
+        waiting.error.as_deref().is_some_and(|why| !why.is_empty()),
+        "the operator's query says why it waits: {waiting:?}"
+    );
     assert_eq!(rig.ended(id).await, SagaState::Completed);
+    assert!(
+        !rig.orchestrator
+            .overdue(Duration::ZERO)
+            .await
+            .unwrap()
+            .iter()
+            .any(|view| view.instance.id == id),
+        "a completed saga is no longer overdue"
+    );
     assert_eq!(rig.effects.log(), ["reserve"]);
     let history = rig
         .orchestrator

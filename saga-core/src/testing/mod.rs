@@ -206,7 +206,7 @@ macro_rules! saga_store_conformance {
                 claim_due_returns_due_unleased_unfinished_sagas,
                 expired_leases_are_claimed_again,
                 save_clears_the_lease,
-                list_filters_by_state_and_type,
+                list_filters_by_state_type_and_start,
                 log_keeps_order_per_correlation,
                 purge_removes_only_old_finished_sagas,
                 purge_removes_only_old_log_entries,

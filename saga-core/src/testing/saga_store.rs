@@ -220,10 +220,14 @@ pub async fn save_clears_the_lease<S: SagaStore>(store: S) {
     );
 }
 
-/// Listing filters by state and type, oldest first, with a limit.
-pub async fn list_filters_by_state_and_type<S: SagaStore>(store: S) {
+/// Listing filters by state, type and start time, oldest first, with a
+/// limit.
+pub async fn list_filters_by_state_type_and_start<S: SagaStore>(store: S) {
     let ty = crate::testing::unique("list");
-    let a = saga(&ty, SagaState::Failed, None);
+    let a = SagaInstance {
+        created_at: now() - chrono::Duration::hours(1),
+        ..saga(&ty, SagaState::Failed, None)
+    };
     let b = saga(&ty, SagaState::Completed, None);
     let c = saga(&ty, SagaState::Failed, None);
     let other = saga("other", SagaState::Failed, None);
@@ -233,7 +237,7 @@ pub async fn list_filters_by_state_and_type<S: SagaStore>(store: S) {
     let filter = SagaFilter {
         state: Some(SagaState::Failed),
         saga_type: Some(ty.clone()),
-        limit: 0,
+        ..SagaFilter::default()
     };
     let ids: Vec<_> = store
         .list(&filter)
@@ -244,10 +248,25 @@ pub async fn list_filters_by_state_and_type<S: SagaStore>(store: S) {
         .collect();
     assert_eq!(ids, [a.id, c.id]);
     let one = store
-        .list(&SagaFilter { limit: 1, ..filter })
+        .list(&SagaFilter {
+            limit: 1,
+            ..filter.clone()
+        })
         .await
         .unwrap();
     assert_eq!(one.len(), 1);
+    let started_earlier = store
+        .list(&SagaFilter {
+            started_before: Some(now() - chrono::Duration::minutes(1)),
+            ..filter
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        started_earlier.iter().map(|s| s.id).collect::<Vec<_>>(),
+        [a.id],
+        "only the saga started an hour ago"
+    );
 }
 
 /// The choreography log returns one correlation id's entries in write order.
