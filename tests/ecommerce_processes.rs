@@ -13,7 +13,8 @@
 //! applied twice or left applied), and every outbox drained with nothing
 //! dead. A consumer group of the test's own, subscribed before the first
 //! order, checks from the broker that every published message arrived and
-//! that each service's messages of one ordering key came in outbox order.
+//! that each service's messages of one ordering key on one channel came in
+//! outbox order.
 //! `SAGA_CAMPAIGN_ORDERS`, `SAGA_CAMPAIGN_KILLS`, `SAGA_CAMPAIGN_OUTAGE_SECS`
 //! and `SAGA_CAMPAIGN_SEED` scale it up or repeat a run (see `campaign`).
 //!
@@ -354,17 +355,21 @@ fn audit(transport: &Arc<dyn Transport>) -> (Arc<Mutex<Audited>>, tokio::task::J
     (audited, task)
 }
 
-/// One published outbox row: which service wrote it, its key and its place
-/// in that service's outbox.
+/// One published outbox row: which service wrote it, where to, its key and
+/// its place in that service's outbox.
 struct Published {
     service: &'static str,
+    channel: String,
     key: Option<String>,
     seq: i64,
 }
 
 /// Every message the services' outboxes published reached the audit group
-/// (waits up to a minute for the last ones), and per service and ordering
-/// key their first deliveries came in outbox order. Returns how many.
+/// (waits up to a minute for the last ones), and per service, channel and
+/// ordering key their first deliveries came in outbox order: the order a
+/// broker keeps is a key's within one channel (a Kafka partition, a queue,
+/// a stream); a group reading several channels interleaves them as they
+/// come. Returns how many.
 async fn check_broker_saw_everything_in_order(
     outboxes: &[(&'static str, &PgPool)],
     audited: &Mutex<Audited>,
@@ -373,7 +378,7 @@ async fn check_broker_saw_everything_in_order(
     let mut published: HashMap<MessageId, Published> = HashMap::new();
     for (service, pool) in outboxes {
         let rows = sqlx::query(
-            "SELECT message_id, ordering_key, seq FROM saga.saga_outbox \
+            "SELECT message_id, channel, ordering_key, seq FROM saga.saga_outbox \
              WHERE published_at IS NOT NULL",
         )
         .fetch_all(*pool)
@@ -385,6 +390,7 @@ async fn check_broker_saw_everything_in_order(
                 id,
                 Published {
                     service,
+                    channel: row.get("channel"),
                     key: row.get("ordering_key"),
                     seq: row.get("seq"),
                 },
@@ -414,20 +420,21 @@ async fn check_broker_saw_everything_in_order(
         missing.first()
     );
     let audited = audited.lock().unwrap();
-    let mut last: HashMap<(&str, &str), (i64, MessageId)> = HashMap::new();
+    let mut last: HashMap<(&str, &str, &str), (i64, MessageId)> = HashMap::new();
     for id in &audited.order {
         let Some(Published {
             service,
+            channel,
             key: Some(key),
             seq,
         }) = published.get(id)
         else {
             continue;
         };
-        if let Some((before, before_id)) = last.insert((service, key), (*seq, *id)) {
+        if let Some((before, before_id)) = last.insert((service, channel, key), (*seq, *id)) {
             assert!(
                 before < *seq,
-                "{service}'s messages of key {key} came out of order: {id} (seq {seq}) after {before_id} (seq {before}) after {faults:?}"
+                "{service}'s messages of key {key} on {channel} came out of order: {id} (seq {seq}) after {before_id} (seq {before}) after {faults:?}"
             );
         }
     }

@@ -3,14 +3,32 @@
 use redis::{RedisError, RetryMethod};
 use saga_core::Error;
 
+/// Server answers that refuse a command for a while, whatever the command:
+/// the server is loading its data, out of memory, unable to persist,
+/// short of replicas, busy with a script, or in a failover.
+const REFUSED_FOR_A_WHILE: [&str; 9] = [
+    "LOADING",
+    "OOM",
+    "MISCONF",
+    "NOREPLICAS",
+    "BUSY",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "READONLY",
+];
+
 /// Whether retrying after `error` can help: connection trouble, timeouts and
-/// server answers such as `LOADING` or `TRYAGAIN`.
+/// server answers that refuse for a while ([`REFUSED_FOR_A_WHILE`]).
 pub(crate) fn is_retryable(error: &RedisError) -> bool {
     error.is_timeout()
         || error.is_io_error()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
         || !matches!(error.retry_method(), RetryMethod::NoRetry)
+        || error
+            .code()
+            .is_some_and(|code| REFUSED_FOR_A_WHILE.contains(&code))
 }
 
 /// Wraps a Redis error with what was being done.

@@ -211,11 +211,9 @@ impl Transport for RedisTransport {
             .into_iter()
             .map(|r| {
                 r.unwrap_or_else(|| match replies.next() {
-                    Some(Value::ServerError(error)) => Err(Error::backend(
-                        "XADD",
-                        false,
-                        format!("{}: {}", error.code(), error.details().unwrap_or("")),
-                    )),
+                    Some(Value::ServerError(error)) => {
+                        Err(redis("XADD")(redis::RedisError::from(error)))
+                    }
                     Some(_) => Ok(()),
                     None => Err(Error::backend("XADD pipeline", true, "reply missing")),
                 })

@@ -1,4 +1,5 @@
-//! Redis SIGKILLed and restarted under a running publisher and consumer.
+//! Redis SIGKILLed and restarted under a running publisher and consumer,
+//! and Redis refusing writes for a while.
 //!
 //! The tests start a server of their own on a free port (see
 //! `support/redis_server.rs`).
@@ -6,7 +7,7 @@
 use std::time::Duration;
 
 use saga_core::testing::{PATIENCE, transport, unique};
-use saga_core::{Message, Transport};
+use saga_core::{Message, OutboxEntry, Transport};
 use saga_redis::{RedisConfig, RedisTransport};
 
 #[path = "support/redis_server.rs"]
@@ -79,4 +80,43 @@ async fn a_subscription_outlives_a_server_that_lost_its_data() {
     };
     assert_eq!(received.message.id, after.id);
     received.ack().await.unwrap();
+}
+
+/// A server that refuses writes for a while fails a publish retryably,
+/// alone or in a batch, so the relay waits instead of dead-lettering; the
+/// same publish goes through once the server takes writes again. Here it is
+/// `NOREPLICAS` (fewer replicas than `min-replicas-to-write`); `LOADING`,
+/// while a restarted server reads its append-only file, is the same case.
+/// Before, a batch called every per-entry server answer permanent: the
+/// process campaign saw a relay dead-letter a message on `LOADING`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_refusing_writes_for_a_while_fails_publishes_retryably() {
+    let Some(server) = RedisServer::start(Keeps::Nothing).await else {
+        return;
+    };
+    let transport = RedisTransport::connect(config(&server)).await.unwrap();
+    let admin = redis::Client::open(server.url()).unwrap();
+    let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
+    let refuse_writes = |replicas: &'static str| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("SET").arg("min-replicas-to-write").arg(replicas);
+        cmd
+    };
+    let _: () = refuse_writes("1").query_async(&mut admin).await.unwrap();
+    let channel = unique("events");
+    let message = Message::new("test.event", b"x".to_vec());
+    let alone = transport.publish(&channel, &message).await.unwrap_err();
+    assert!(alone.is_retryable(), "a single publish: {alone}");
+    let batch = [
+        OutboxEntry::new(&channel, message.clone()),
+        OutboxEntry::new(&channel, Message::new("test.event", b"y".to_vec())),
+    ];
+    for result in transport.publish_batch(&batch).await {
+        let error = result.unwrap_err();
+        assert!(error.is_retryable(), "a batched publish: {error}");
+    }
+    let _: () = refuse_writes("0").query_async(&mut admin).await.unwrap();
+    for result in transport.publish_batch(&batch).await {
+        result.unwrap();
+    }
 }

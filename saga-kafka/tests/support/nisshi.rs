@@ -59,6 +59,13 @@ impl Storage {
 
 impl Drop for Storage {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "the broker's storage, database {} at {}, stays for inspection",
+                self.database, self.server
+            );
+            return;
+        }
         let _ = self.psql(&format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             self.database
