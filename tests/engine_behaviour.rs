@@ -306,12 +306,36 @@ async fn a_duplicate_command_gets_the_stored_reply_and_runs_nothing() {
         })
         .await
         .unwrap();
-    assert_eq!(stored.len(), 1, "one reply in the outbox");
-    let resent = transport.published("orders.replies");
-    assert_eq!(resent.len(), 1, "the duplicate got the stored reply again");
-    assert_eq!(resent[0], stored[0].entry.message);
-    assert_eq!(resent[0].causation_id, Some(reserve.id));
-    assert_eq!(resent[0].header(headers::SAGA_OUTCOME), Some("success"));
+    assert_eq!(stored.len(), 1, "one reply in the outbox, still waiting");
+    assert!(
+        transport.published("orders.replies").is_empty(),
+        "the stored reply goes out through the outbox, in its key's order"
+    );
+    store
+        .mark_published("test", &[stored[0].seq], saga::clock::now())
+        .await
+        .unwrap();
+    participant.handle(&reserve).await.unwrap();
+    let resent = store
+        .claim(&saga::store::ClaimRequest {
+            owner: "test".into(),
+            limit: 10,
+            now: saga::clock::now(),
+            lease: Duration::from_secs(1),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        resent.len(),
+        1,
+        "once published, a duplicate queues it again"
+    );
+    assert_eq!(resent[0].entry.message, stored[0].entry.message);
+    assert_eq!(resent[0].entry.message.causation_id, Some(reserve.id));
+    assert_eq!(
+        resent[0].entry.message.header(headers::SAGA_OUTCOME),
+        Some("success")
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -189,10 +189,7 @@ impl<S: OutboxStore + IdempotencyStore + Clone> Participant<S> {
             Inbox::Duplicate(reply) => {
                 // Processed before: answer as then.
                 if let Some(reply) = reply {
-                    inner
-                        .transport
-                        .publish(&reply.channel, &reply.message)
-                        .await?;
+                    self.answer_again(reply).await?;
                 }
                 return Ok(());
             }
@@ -379,6 +376,19 @@ impl<S: OutboxStore + IdempotencyStore + Clone> Participant<S> {
     }
 
     /// Stores and enqueues the reply (if any) and commits.
+    /// Sends a stored reply again, through the outbox so that it keeps its
+    /// key's order: published straight to the broker, it would overtake
+    /// what its key still has waiting there (the reply itself included).
+    /// Nothing to do while the reply is still waiting there itself.
+    async fn answer_again(&self, reply: OutboxEntry) -> Result<()> {
+        let store = &self.inner.store;
+        let mut tx = store.begin().await?;
+        if !store.is_pending(&mut tx, reply.message.id).await? {
+            store.enqueue(&mut tx, &[reply]).await?;
+        }
+        store.commit(tx).await
+    }
+
     async fn finish(
         &self,
         mut tx: S::Tx,

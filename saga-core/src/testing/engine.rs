@@ -18,8 +18,8 @@ use crate::saga::{
     OrchestratorConfig, SagaDefinition, SagaState, StepConfig, StepContext, StepOutcome,
 };
 use crate::{
-    CommandHandler, Message, Orchestrator, Participant, Reply, RetryPolicy, SagaId, SagaStep,
-    StepError, Store, Transport, Worker,
+    CommandHandler, Message, Orchestrator, OutboxEntry, Participant, Reply, RetryPolicy, SagaId,
+    SagaStep, StepError, Store, Transport, Worker,
 };
 
 use super::{PATIENCE, unique};
@@ -656,6 +656,68 @@ pub async fn a_compensation_after_its_mark_was_purged_still_undoes<S: Store + Cl
         effects.log(),
         ["reserve", "reserve.undo"],
         "an overtaking compensation runs nothing, and the late command is refused"
+    );
+}
+
+/// A command delivered again after it was handled is answered again with
+/// the stored reply through the outbox, never straight to the broker: the
+/// answer never overtakes a message of its key still waiting there. Before,
+/// the participant published it at once, and the process campaign saw a
+/// reply reach the orchestrator ahead of an older reply of the same saga.
+pub async fn a_duplicate_command_is_answered_in_its_keys_order<S: Store + Clone>(
+    store: S,
+    relay: SpawnRelay<S>,
+) {
+    let broker = MemoryTransport::default();
+    let transport: Arc<dyn Transport> = Arc::new(broker.clone());
+    let effects = Effects::default();
+    let participant = Participant::new(
+        unique("stock"),
+        unique("stock.commands"),
+        store.clone(),
+        Arc::clone(&transport),
+    )
+    .on("reserve", Apply::new(&effects, Refusals::default()));
+    let saga = SagaId::new();
+    let key = saga.to_string();
+    let replies = "orders.replies";
+    // An older message of the key waits in the participant's outbox: its
+    // relay is behind (the broker was away).
+    let older = Message::new("stock.noted", b"{}".to_vec()).with_ordering_key(&key);
+    let mut tx = store.begin().await.unwrap();
+    store
+        .enqueue(&mut tx, &[OutboxEntry::new(replies, older.clone())])
+        .await
+        .unwrap();
+    store.commit(tx).await.unwrap();
+    let command = step_command("reserve", saga, crate::Phase::Forward).with_ordering_key(&key);
+    participant.handle(&command).await.unwrap();
+    participant.handle(&command).await.unwrap();
+    assert_eq!(effects.log(), ["reserve"], "applied once");
+    assert_eq!(
+        broker
+            .published(replies)
+            .iter()
+            .map(|m| m.message_type.as_str())
+            .collect::<Vec<_>>(),
+        Vec::<&str>::new(),
+        "nothing of the key goes out before its relay publishes the older message"
+    );
+    let relay = relay(store, transport);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while broker.published(replies).len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay published {:?} within {PATIENCE:?}",
+            broker.published(replies)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.shutdown().await;
+    let published = broker.published(replies);
+    assert_eq!(
+        published[0].id, older.id,
+        "the key's older message goes out first: {published:?}"
     );
 }
 

@@ -230,6 +230,7 @@ macro_rules! engine_conformance {
                 a_step_given_up_while_busy_is_compensated_in_case_an_attempt_arrives_late,
                 deadlines_wait_while_the_transport_is_unreachable,
                 a_compensation_after_its_mark_was_purged_still_undoes,
+                a_duplicate_command_is_answered_in_its_keys_order,
                 a_replayed_failed_event_runs_its_handler_again,
                 a_failing_event_is_retried_with_backoff_not_dead_lettered,
                 an_event_whose_retries_ran_out_is_replayed_through_the_transport,
