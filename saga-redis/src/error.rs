@@ -3,23 +3,15 @@
 use redis::{RedisError, RetryMethod};
 use saga_core::Error;
 
-/// Server answers that refuse a command for a while, whatever the command:
-/// the server is loading its data, out of memory, unable to persist,
-/// short of replicas, busy with a script, or in a failover.
-const REFUSED_FOR_A_WHILE: [&str; 9] = [
-    "LOADING",
-    "OOM",
-    "MISCONF",
-    "NOREPLICAS",
-    "BUSY",
-    "MASTERDOWN",
-    "TRYAGAIN",
-    "CLUSTERDOWN",
-    "READONLY",
-];
+/// Server answers that refuse a command for a while, which the client does
+/// not classify itself (it already retries `LOADING`, `TRYAGAIN`,
+/// `MASTERDOWN`, `CLUSTERDOWN` and `READONLY`): out of memory, unable to
+/// persist, short of replicas, busy with a script.
+const REFUSED_FOR_A_WHILE: [&str; 4] = ["OOM", "MISCONF", "NOREPLICAS", "BUSY"];
 
 /// Whether retrying after `error` can help: connection trouble, timeouts and
-/// server answers that refuse for a while ([`REFUSED_FOR_A_WHILE`]).
+/// server answers that refuse for a while (the client's own classification
+/// and [`REFUSED_FOR_A_WHILE`]).
 pub(crate) fn is_retryable(error: &RedisError) -> bool {
     error.is_timeout()
         || error.is_io_error()
