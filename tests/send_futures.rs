@@ -56,6 +56,7 @@ fn engine<S: Store + Clone>(store: S, transport: Arc<dyn Transport>) {
         o.drive(id).await?;
         o.saga(id).await?;
         o.list(&SagaFilter::default()).await?;
+        o.overdue(std::time::Duration::from_secs(60)).await?;
         o.retry(SagaId::new()).await?;
         o.spawn().await?.shutdown().await;
         Ok::<(), saga::Error>(())
