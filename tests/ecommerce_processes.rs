@@ -480,6 +480,88 @@ async fn database_outage(admin: &PgPool, database: &str, outage: Duration) {
     .unwrap();
 }
 
+/// How long the orders and sagas may go without a change before the
+/// campaign gives up on them: the drain after the faults takes as long as
+/// it takes at the campaign's scale, as long as it moves (a saga's
+/// attempts are bounded, so it cannot move forever).
+const STALL: Duration = Duration::from_secs(180);
+
+/// Waits until no order is PENDING, for as long as orders leave PENDING or
+/// sagas change (a line every 30 s says how far it got), and returns the
+/// orders by status. When nothing changed for [`STALL`], says where
+/// everything stands (sagas by state, each outbox's pending and dead)
+/// before returning, so the failure that follows can be read.
+async fn drain(
+    databases: &[(&'static str, &PgPool); 3],
+    faults: &[String],
+) -> HashMap<String, i64> {
+    let orders_db = databases[0].1;
+    let started = Instant::now();
+    let mut last = None;
+    let (mut moved, mut reported) = (Instant::now(), Instant::now());
+    loop {
+        let statuses = counts(
+            orders_db,
+            "SELECT status, count(*) FROM orders GROUP BY status",
+        )
+        .await;
+        let pending = statuses.get("PENDING").copied().unwrap_or(0);
+        let changed: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT max(updated_at) FROM saga.saga_instances")
+                .fetch_one(orders_db)
+                .await
+                .unwrap();
+        if last != Some((pending, changed)) {
+            (last, moved) = (Some((pending, changed)), Instant::now());
+        }
+        if pending == 0 {
+            return statuses;
+        }
+        let stalled = moved.elapsed() >= STALL;
+        if stalled || reported.elapsed() >= Duration::from_secs(30) {
+            reported = Instant::now();
+            let sagas = counts(
+                orders_db,
+                "SELECT state, count(*) FROM saga.saga_instances GROUP BY state",
+            )
+            .await;
+            let mut outboxes = Vec::new();
+            for (service, pool) in databases {
+                let store = saga::sql::PostgresStore::with_schema((*pool).clone(), "saga").unwrap();
+                let stats = saga::OutboxStore::stats(&store).await.unwrap();
+                outboxes.push(format!(
+                    "{service} pending {} dead {}",
+                    stats.pending, stats.dead
+                ));
+            }
+            eprintln!(
+                "draining for {:?}: orders {statuses:?}, sagas {sagas:?}, outboxes {outboxes:?}{}",
+                started.elapsed(),
+                if stalled {
+                    format!(", no order finished for {STALL:?}: giving up after {faults:?}")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        if stalled {
+            return statuses;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `query`'s rows as (name, count): a `GROUP BY` of one text column.
+async fn counts(pool: &PgPool, query: &str) -> HashMap<String, i64> {
+    sqlx::query(query)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 /// Says, when a campaign fails, that its databases stay for inspection
 /// (they are dropped when it passes) and how to drop them.
 struct LeftForInspection(String);
@@ -645,19 +727,14 @@ async fn campaign(mode: &str, broker: Broker) {
     // Read the databases themselves.
     let database = |service: &str| format!("{server}/{instance}_{service}");
     let orders_db = PgPool::connect(&database("orders")).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let statuses = loop {
-        let rows = sqlx::query("SELECT status, count(*) AS n FROM orders GROUP BY status")
-            .fetch_all(&orders_db)
-            .await
-            .unwrap();
-        let statuses: HashMap<String, i64> =
-            rows.iter().map(|r| (r.get("status"), r.get("n"))).collect();
-        if !statuses.contains_key("PENDING") || Instant::now() >= deadline {
-            break statuses;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let stock_db = PgPool::connect(&database("stock")).await.unwrap();
+    let payment_db = PgPool::connect(&database("payment")).await.unwrap();
+    let databases = [
+        ("orders", &orders_db),
+        ("stock", &stock_db),
+        ("payment", &payment_db),
+    ];
+    let statuses = drain(&databases, &faults).await;
     assert_eq!(
         statuses.get("PENDING"),
         None,
@@ -686,7 +763,6 @@ async fn campaign(mode: &str, broker: Broker) {
         }
         *spent.entry(row.get("customer_id")).or_default() += row.get::<i64, _>("total_cents");
     }
-    let stock_db = PgPool::connect(&database("stock")).await.unwrap();
     for (id, initial, _) in &products {
         let row = sqlx::query("SELECT available, reserved FROM products WHERE product_id = $1")
             .bind(id)
@@ -705,7 +781,6 @@ async fn campaign(mode: &str, broker: Broker) {
             "{id}: reserved != confirmed units after {faults:?}"
         );
     }
-    let payment_db = PgPool::connect(&database("payment")).await.unwrap();
     for (id, initial) in &customers {
         let balance: i64 =
             sqlx::query_scalar("SELECT balance_cents FROM wallets WHERE customer_id = $1")
@@ -719,11 +794,7 @@ async fn campaign(mode: &str, broker: Broker) {
             "{id}: money appeared or vanished after {faults:?}"
         );
     }
-    for (service, pool) in [
-        ("orders", &orders_db),
-        ("stock", &stock_db),
-        ("payment", &payment_db),
-    ] {
+    for (service, pool) in databases {
         let store = saga::sql::PostgresStore::with_schema(pool.clone(), "saga").unwrap();
         let deadline = Instant::now() + Duration::from_secs(120);
         let stats = loop {
@@ -739,11 +810,11 @@ async fn campaign(mode: &str, broker: Broker) {
             "{service}: the outbox drains and dead-letters nothing after {faults:?}"
         );
     }
-    let sagas = sqlx::query("SELECT state, count(*) AS n FROM saga.saga_instances GROUP BY state")
-        .fetch_all(&orders_db)
-        .await
-        .unwrap();
-    let sagas: HashMap<String, i64> = sagas.iter().map(|r| (r.get("state"), r.get("n"))).collect();
+    let sagas = counts(
+        &orders_db,
+        "SELECT state, count(*) FROM saga.saga_instances GROUP BY state",
+    )
+    .await;
     for state in ["RUNNING", "COMPENSATING"] {
         assert!(
             !sagas.contains_key(state),
@@ -759,17 +830,8 @@ async fn campaign(mode: &str, broker: Broker) {
     .unwrap();
     assert_eq!(unexplained, 0, "FAILED sagas without a reason: {sagas:?}");
     let ordered = transport.capabilities().ordered_per_key;
-    let published = check_broker_saw_everything_in_order(
-        &[
-            ("orders", &orders_db),
-            ("stock", &stock_db),
-            ("payment", &payment_db),
-        ],
-        &audited,
-        ordered,
-        &faults,
-    )
-    .await;
+    let published =
+        check_broker_saw_everything_in_order(&databases, &audited, ordered, &faults).await;
     let order = if ordered {
         "in order per key"
     } else {

@@ -503,15 +503,21 @@ impl<S: Store + Clone> Orchestrator<S> {
             .header(headers::SAGA_STEP)
             .and_then(|s| s.parse::<u32>().ok());
         let awaited = saga.awaiting == Some(command_id);
-        // The participant answers every attempt of a step alike, so a success
-        // to an earlier attempt of the step the saga is on counts too (it came
-        // late: a broker outage, a backlog), whether the saga waits for a
-        // later attempt's reply or for its retry time.
-        let earlier_success = outcome.is_ok()
+        // The participant answers every attempt of a step alike, so its final
+        // answer to an earlier attempt of the step the saga is on counts too
+        // (it came late: a broker outage, a backlog), whether the saga waits
+        // for a later attempt's reply or for its retry time. A final answer
+        // is a success, or a forward step's refusal (stored as the step's
+        // mark); a retryable failure is not: the next attempt runs again.
+        let final_answer = match &outcome {
+            Ok(()) => true,
+            Err(error) => !error.retryable && phase == Some(Phase::Forward),
+        };
+        let earlier_final = final_answer
             && !saga.state.is_terminal()
             && index == Some(saga.step)
             && phase == Some(phase_of(saga.state));
-        if saga.state.is_terminal() || !(awaited || earlier_success) {
+        if saga.state.is_terminal() || !(awaited || earlier_final) {
             let note = format!(
                 "reply {} to command {command_id} came when the saga no longer waited for it",
                 reply.id

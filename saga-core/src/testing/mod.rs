@@ -226,6 +226,7 @@ macro_rules! engine_conformance {
             [
                 a_step_whose_reply_cannot_be_read_is_compensated,
                 a_late_success_of_an_earlier_attempt_completes_the_step,
+                a_late_refusal_of_an_earlier_attempt_ends_the_step,
                 an_earlier_attempt_arriving_after_a_refusal_is_not_applied,
                 a_step_given_up_while_busy_is_compensated_in_case_an_attempt_arrives_late,
                 deadlines_wait_while_the_transport_is_unreachable,
