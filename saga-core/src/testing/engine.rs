@@ -427,6 +427,19 @@ pub async fn a_step_whose_reply_cannot_be_read_is_compensated<S: Store + Clone>(
     rig.stop().await;
 }
 
+/// A broker that delivers the first attempt's reply after two deadlines
+/// and loses the later ones.
+fn first_reply_late() -> Late {
+    Late {
+        inner: MemoryTransport::default(),
+        fate: |attempt| match attempt {
+            1 => Fate::Delay(Duration::from_millis(700)),
+            _ => Fate::Lose,
+        },
+        commands: |_| Fate::Deliver,
+    }
+}
+
 /// A success to an earlier attempt of the step the saga waits on counts: the
 /// participant answers every attempt alike. Here the first reply is late
 /// (after two deadlines) and the later ones are lost: the saga completes on
@@ -435,14 +448,7 @@ pub async fn a_late_success_of_an_earlier_attempt_completes_the_step<S: Store + 
     store: S,
     relay: SpawnRelay<S>,
 ) {
-    let late = Late {
-        inner: MemoryTransport::default(),
-        fate: |attempt| match attempt {
-            1 => Fate::Delay(Duration::from_millis(700)),
-            _ => Fate::Lose,
-        },
-        commands: |_| Fate::Deliver,
-    };
+    let late = first_reply_late();
     let rig = Rig::hurried(store, relay, Arc::new(late)).await;
     let id = rig.run().await;
     assert_eq!(rig.ended(id).await, SagaState::Completed);
@@ -462,14 +468,7 @@ pub async fn a_late_refusal_of_an_earlier_attempt_ends_the_step<S: Store + Clone
     store: S,
     relay: SpawnRelay<S>,
 ) {
-    let late = Late {
-        inner: MemoryTransport::default(),
-        fate: |attempt| match attempt {
-            1 => Fate::Delay(Duration::from_millis(700)),
-            _ => Fate::Lose,
-        },
-        commands: |_| Fate::Deliver,
-    };
+    let late = first_reply_late();
     let refused = Refusals {
         times: 1,
         retryable: false,
