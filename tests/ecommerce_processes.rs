@@ -1,8 +1,11 @@
 //! The e-commerce example as processes (order, stock, payment, two
-//! instances of each) on PostgreSQL, over Redis Streams (orchestrated and
-//! choreographed), RabbitMQ and Kafka: the process-level fault campaign.
-//! While 500 orders go in over HTTP, random instances are SIGKILLed and
-//! started again, the broker goes away for 15 s (a Redis server of the
+//! instances of each, and two relay processes of each one's outbox) on
+//! PostgreSQL, over Redis Streams (orchestrated and choreographed),
+//! RabbitMQ and Kafka: the process-level fault campaign. While 500 orders
+//! go in over HTTP, and four writers of the test's own commit messages of
+//! three shared ordering keys at once into the orders service's outbox,
+//! random services and relays are SIGKILLed and started again, the broker
+//! goes away for 15 s (a Redis server of the
 //! campaign's own paused, then SIGKILLed and restarted on its fsynced
 //! append-only file; RabbitMQ stopped and started; a Kafka broker of the
 //! campaign's own SIGKILLed and restarted on its durable storage), and a
@@ -14,7 +17,7 @@
 //! dead. A consumer group of the test's own, subscribed before the first
 //! order, checks from the broker that every published message arrived and
 //! that each service's messages of one ordering key on one channel came in
-//! outbox order, where the transport claims order per key (here Kafka only).
+//! commit order, where the transport claims order per key (here Kafka only).
 //! `SAGA_CAMPAIGN_ORDERS`, `SAGA_CAMPAIGN_KILLS`, `SAGA_CAMPAIGN_OUTAGE_SECS`
 //! and `SAGA_CAMPAIGN_SEED` scale it up or repeat a run (see `campaign`).
 //!
@@ -23,11 +26,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use saga::sql::PostgresStore;
 use saga::sql::sqlx::{self, PgPool, Row};
-use saga::{MessageId, Transport};
+use saga::{Message, MessageId, OutboxEntry, OutboxStore, Transactional, Transport};
 use saga_core::testing::{Process, free_port, unavailable, unique, until_up};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -74,9 +79,11 @@ async fn http(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, s
     ))
 }
 
-/// One instance of a service: the example binary as `service <name>`.
+/// One instance of a service: the example binary as `service <name>`, or
+/// as `relay <name>` for the relay of its outbox.
 struct Service {
     name: &'static str,
+    relay: bool,
     port: u16,
     process: Process,
 }
@@ -86,6 +93,15 @@ impl Service {
     fn new(name: &'static str, args: Vec<String>, env: Vec<(&'static str, String)>) -> Self {
         let command = ["service", name].into_iter().map(String::from);
         Self::running(name, command.chain(args).collect(), env)
+    }
+
+    /// `relay <name> <args…>`, with `env` set: the relay of the service's
+    /// outbox, in a process of its own.
+    fn relay(name: &'static str, args: Vec<String>, env: Vec<(&'static str, String)>) -> Self {
+        let command = ["relay".to_owned(), name.to_owned()].into_iter();
+        let mut relay = Self::running(name, command.chain(args).collect(), env);
+        relay.relay = true;
+        relay
     }
 
     /// `serve <args…>`: every service and route on one listener.
@@ -108,8 +124,18 @@ impl Service {
         });
         Self {
             name,
+            relay: false,
             port,
             process,
+        }
+    }
+
+    /// What the campaign calls it: `order`, `order relay`.
+    fn label(&self) -> String {
+        if self.relay {
+            format!("{} relay", self.name)
+        } else {
+            self.name.to_owned()
         }
     }
 
@@ -124,7 +150,7 @@ impl Service {
     async fn until_healthy(&self) {
         let port = self.port;
         until_up(
-            &format!("the {} service", self.name),
+            &format!("the {} process", self.label()),
             Duration::from_secs(60),
             || async move { matches!(http(port, "GET", "/health", "").await, Some((200, _))) },
         )
@@ -311,6 +337,70 @@ impl Broker {
     }
 }
 
+/// The channel of the campaign's own writers (see [`write_shared_keys`]).
+const SHARED_CHANNEL: &str = "campaign.shared-keys";
+/// How many writers commit at once, and over how few ordering keys.
+const WRITERS: u64 = 4;
+const SHARED_KEYS: usize = 3;
+
+/// Several writers committing messages of the same ordering keys at once,
+/// into the orders service's outbox (its relays, killed and restarted with
+/// their service, publish them): what two instances of a service do when
+/// both announce something of one customer. Each writer enqueues its
+/// message, pauses, then bumps the key's counter in `campaign_keys`, and
+/// records the value in `campaign_commits`. The counter's row lock queues
+/// the writers of a key, so the value is the key's commit order, while the
+/// outbox `seq` was drawn before the queue: a writer that overtook another
+/// commits a smaller position with a larger `seq`. Runs until `running` is
+/// false; returns how many it committed.
+async fn write_shared_keys(store: PostgresStore, writer: u64, running: Arc<AtomicBool>) -> usize {
+    let mut rng = fastrand::Rng::with_seed(writer);
+    let mut committed = 0;
+    while running.load(Ordering::Relaxed) {
+        let key = format!("shared-{}", rng.usize(..SHARED_KEYS));
+        let message = Message::new("campaign.written", format!("writer {writer}").into_bytes())
+            .with_ordering_key(key.clone());
+        let pause = Duration::from_millis(rng.u64(0..30));
+        // A failure (the database away) loses nothing: the transaction
+        // rolled back whole, message and position together.
+        if write_shared_key(&store, &key, message, pause).await.is_ok() {
+            committed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.u64(10..100))).await;
+    }
+    committed
+}
+
+async fn write_shared_key(
+    store: &PostgresStore,
+    key: &str,
+    message: Message,
+    pause: Duration,
+) -> saga::Result<()> {
+    let id = message.id;
+    let mut tx = store.begin().await?;
+    store
+        .enqueue(&mut tx, &[OutboxEntry::new(SHARED_CHANNEL, message)])
+        .await?;
+    tokio::time::sleep(pause).await;
+    let db = |e| saga::Error::backend("the campaign's counter", true, e);
+    let position: i64 = sqlx::query_scalar(
+        "INSERT INTO campaign_keys (key, commits) VALUES ($1, 1) \
+         ON CONFLICT (key) DO UPDATE SET commits = campaign_keys.commits + 1 RETURNING commits",
+    )
+    .bind(key)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db)?;
+    sqlx::query("INSERT INTO campaign_commits (message_id, position) VALUES ($1, $2)")
+        .bind(id.as_uuid())
+        .bind(position)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    store.commit(tx).await
+}
+
 /// A consumer group of the test's own on every channel, subscribed before
 /// the first order: what it receives is what the broker holds.
 const AUDIT_GROUP: &str = "campaign-audit";
@@ -328,7 +418,11 @@ fn audit(transport: &Arc<dyn Transport>) -> (Arc<Mutex<Audited>>, tokio::task::J
     let audited = Arc::new(Mutex::new(Audited::default()));
     let (transport, record) = (Arc::clone(transport), Arc::clone(&audited));
     let task = tokio::spawn(async move {
-        let channels = CHANNELS.map(String::from);
+        let channels: Vec<String> = CHANNELS
+            .into_iter()
+            .chain([SHARED_CHANNEL])
+            .map(String::from)
+            .collect();
         let mut subscription = loop {
             match transport.subscribe(AUDIT_GROUP, &channels).await {
                 Ok(subscription) => break subscription,
@@ -362,23 +456,31 @@ struct Published {
     channel: String,
     key: Option<String>,
     seq: i64,
+    /// Its place in its key's commit order.
+    position: i64,
 }
 
 /// Every message the services' outboxes published reached the audit group
 /// (waits up to a minute for the last ones), and per service, channel and
-/// ordering key their first deliveries came in outbox order: the order a
+/// ordering key their first deliveries came in commit order: the order a
 /// broker keeps is a key's within one channel (a Kafka partition, a queue,
 /// a stream); a group reading several channels interleaves them as they
-/// come. The order is checked only where the transport claims it
-/// (`ordered`): Redis does not (an entry a member read and lost in a
-/// server restart is reclaimed after newer ones), nor RabbitMQ without
-/// single active consumer. Returns how many.
+/// come. A key's commit order is its outbox order (`seq`) where one writer
+/// at a time writes it (a saga's messages, under the saga's lock);
+/// `positions` gives it for the messages of concurrent writers (see
+/// [`write_shared_keys`]). The order is checked only where the transport
+/// claims it (`ordered`): Redis does not (an entry a member read and lost
+/// in a server restart is reclaimed after newer ones), nor RabbitMQ without
+/// single active consumer. Returns how many messages there were, and how
+/// many of the concurrent writers' committed in another order than their
+/// `seq`s (the cases where outbox order is not commit order).
 async fn check_broker_saw_everything_in_order(
     outboxes: &[(&'static str, &PgPool)],
     audited: &Mutex<Audited>,
+    positions: &HashMap<MessageId, i64>,
     ordered: bool,
     faults: &[String],
-) -> usize {
+) -> (usize, usize) {
     let mut published: HashMap<MessageId, Published> = HashMap::new();
     for (service, pool) in outboxes {
         let rows = sqlx::query(
@@ -390,13 +492,15 @@ async fn check_broker_saw_everything_in_order(
         .unwrap();
         for row in rows {
             let id = MessageId::from_uuid(row.get("message_id"));
+            let seq = row.get("seq");
             published.insert(
                 id,
                 Published {
                     service,
                     channel: row.get("channel"),
                     key: row.get("ordering_key"),
-                    seq: row.get("seq"),
+                    seq,
+                    position: positions.get(&id).copied().unwrap_or(seq),
                 },
             );
         }
@@ -423,8 +527,24 @@ async fn check_broker_saw_everything_in_order(
         published.len(),
         missing.first()
     );
+    let mut by_key: HashMap<(&str, &str, &str), Vec<&Published>> = HashMap::new();
+    for published in published.values() {
+        if let Some(key) = &published.key {
+            by_key
+                .entry((published.service, &published.channel, key))
+                .or_default()
+                .push(published);
+        }
+    }
+    let overtaken = by_key
+        .into_values()
+        .map(|mut line| {
+            line.sort_by_key(|p| p.position);
+            line.windows(2).filter(|w| w[0].seq > w[1].seq).count()
+        })
+        .sum();
     if !ordered {
-        return published.len();
+        return (published.len(), overtaken);
     }
     let audited = audited.lock().unwrap();
     let mut last: HashMap<(&str, &str, &str), (i64, MessageId)> = HashMap::new();
@@ -433,19 +553,20 @@ async fn check_broker_saw_everything_in_order(
             service,
             channel,
             key: Some(key),
-            seq,
+            position,
+            ..
         }) = published.get(id)
         else {
             continue;
         };
-        if let Some((before, before_id)) = last.insert((service, channel, key), (*seq, *id)) {
+        if let Some((before, before_id)) = last.insert((service, channel, key), (*position, *id)) {
             assert!(
-                before < *seq,
-                "{service}'s messages of key {key} on {channel} came out of order: {id} (seq {seq}) after {before_id} (seq {before}) after {faults:?}"
+                before < *position,
+                "{service}'s messages of key {key} on {channel} came out of commit order: {id} (position {position}) after {before_id} (position {before}) after {faults:?}"
             );
         }
     }
-    published.len()
+    (published.len(), overtaken)
 }
 
 fn run(program: &str, args: &[&str]) {
@@ -626,22 +747,51 @@ async fn campaign(mode: &str, broker: Broker) {
         "--mode".to_owned(),
         mode.to_owned(),
     ];
-    // order, stock, payment, then their second instances.
-    let mut services: Vec<Service> = ["order", "stock", "payment", "order", "stock", "payment"]
+    // order, stock, payment, then their second instances, then two relays
+    // of each one's outbox: the services write to their outboxes, the
+    // relays (killed apart from them) publish.
+    let names = ["order", "stock", "payment"];
+    let mut services: Vec<Service> = names
         .into_iter()
-        .map(|name| Service::new(name, args.clone(), env.clone()))
+        .chain(names)
+        .map(|name| {
+            let args = [args.clone(), vec!["--no-relay".to_owned()]].concat();
+            Service::new(name, args, env.clone())
+        })
+        .chain(
+            names
+                .into_iter()
+                .chain(names)
+                .map(|name| Service::relay(name, args.clone(), env.clone())),
+        )
         .collect();
-    // The first instances create the databases; the second join them.
-    for half in [0..3, 3..6] {
-        for service in &mut services[half.clone()] {
+    // The first instances create the databases; the others join them.
+    for part in [0..3, 3..12] {
+        for service in &mut services[part.clone()] {
             service.spawn();
         }
-        for service in &services[half] {
+        for service in &services[part] {
             service.until_healthy().await;
         }
     }
     let transport = broker.connect(&format!("{instance}."), own.as_ref()).await;
     let (audited, audit_task) = audit(&transport);
+    let database = |service: &str| format!("{server}/{instance}_{service}");
+    let orders_db = PgPool::connect(&database("orders")).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE campaign_keys (key TEXT PRIMARY KEY, commits BIGINT NOT NULL); \
+         CREATE TABLE campaign_commits (message_id UUID PRIMARY KEY, position BIGINT NOT NULL)",
+    )
+    .execute(&orders_db)
+    .await
+    .unwrap();
+    let writing = Arc::new(AtomicBool::new(true));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|writer| {
+            let store = PostgresStore::with_schema(orders_db.clone(), "saga").unwrap();
+            tokio::spawn(write_shared_keys(store, writer, Arc::clone(&writing)))
+        })
+        .collect();
     let order_ports = [services[0].port, services[3].port];
     let (stock_port, payment_port) = (services[1].port, services[2].port);
     let products: Vec<(String, i64, &str)> = (0..5)
@@ -714,8 +864,8 @@ async fn campaign(mode: &str, broker: Broker) {
             database_outage(&admin, &database, Duration::from_secs(5)).await;
             faults.push(format!("{database} away 5s"));
         }
-        let victim = &mut services[rng.usize(..6)];
-        faults.push(format!("SIGKILL {}", victim.name));
+        let victim = &mut services[rng.usize(..12)];
+        faults.push(format!("SIGKILL {}", victim.label()));
         victim.kill();
         tokio::time::sleep(Duration::from_millis(rng.u64(100..800))).await;
         victim.spawn();
@@ -724,9 +874,12 @@ async fn campaign(mode: &str, broker: Broker) {
     for placer in placers {
         placer.await.unwrap();
     }
+    writing.store(false, Ordering::Relaxed);
+    let mut shared = 0;
+    for writer in writers {
+        shared += writer.await.unwrap();
+    }
     // Read the databases themselves.
-    let database = |service: &str| format!("{server}/{instance}_{service}");
-    let orders_db = PgPool::connect(&database("orders")).await.unwrap();
     let stock_db = PgPool::connect(&database("stock")).await.unwrap();
     let payment_db = PgPool::connect(&database("payment")).await.unwrap();
     let databases = [
@@ -830,8 +983,23 @@ async fn campaign(mode: &str, broker: Broker) {
     .unwrap();
     assert_eq!(unexplained, 0, "FAILED sagas without a reason: {sagas:?}");
     let ordered = transport.capabilities().ordered_per_key;
-    let published =
-        check_broker_saw_everything_in_order(&databases, &audited, ordered, &faults).await;
+    let positions: HashMap<MessageId, i64> = sqlx::query_as::<_, (sqlx::types::Uuid, i64)>(
+        "SELECT message_id, position FROM campaign_commits",
+    )
+    .fetch_all(&orders_db)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(id, position)| (MessageId::from_uuid(id), position))
+    .collect();
+    assert!(
+        positions.len() >= shared,
+        "{shared} writes of shared keys committed, {} recorded",
+        positions.len()
+    );
+    let (published, overtaken) =
+        check_broker_saw_everything_in_order(&databases, &audited, &positions, ordered, &faults)
+            .await;
     let order = if ordered {
         "in order per key"
     } else {
@@ -839,12 +1007,21 @@ async fn campaign(mode: &str, broker: Broker) {
     };
     eprintln!(
         "{mode} over {broker:?}: orders {statuses:?}, sagas {sagas:?}, {published} messages \
-         all received {order}, after {faults:?}"
+         all received {order}, {} of them from {WRITERS} writers of {SHARED_KEYS} shared keys \
+         ({overtaken} committed in another order than their outbox seqs), after {faults:?}",
+        positions.len()
     );
     audit_task.abort();
     let _ = audit_task.await;
     let _ = transport
-        .delete_channels(&CHANNELS.map(String::from), &[AUDIT_GROUP.to_owned()])
+        .delete_channels(
+            &CHANNELS
+                .into_iter()
+                .chain([SHARED_CHANNEL])
+                .map(String::from)
+                .collect::<Vec<_>>(),
+            &[AUDIT_GROUP.to_owned()],
+        )
         .await;
 
     for service in &mut services {

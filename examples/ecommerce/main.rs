@@ -22,6 +22,14 @@
 //! cargo run --example ecommerce --features redis -- service payment --transport redis --listen 127.0.0.1:3003
 //! ```
 //!
+//! Each service relays its own outbox. With `service NAME --no-relay` it
+//! only writes to it, and `relay NAME` processes (any number) publish it:
+//!
+//! ```sh
+//! cargo run --example ecommerce --features redis -- service order --no-relay --transport redis --listen 127.0.0.1:3001
+//! cargo run --example ecommerce --features redis -- relay order --transport redis --listen 127.0.0.1:3011
+//! ```
+//!
 //! `serve` and `service` keep their data (by default in SQLite files under
 //! the system's temporary directory, `saga-<instance>-data`) and use fixed
 //! channel names (prefix `<instance>.`), so a service can be killed and
@@ -47,7 +55,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
-use shop::{Databases, Services, ShopConfig};
+use shop::{Databases, Role, Services, ShopConfig};
 use transport::TransportKind;
 
 /// Order, Stock and Payment services, each with its own database, placing
@@ -74,6 +82,19 @@ enum Command {
     /// One service in this process, with its HTTP API (needs a broker).
     Service {
         /// Which service.
+        #[arg(value_enum)]
+        name: ServiceName,
+        /// Leave publishing the service's outbox to `relay` processes.
+        #[arg(long)]
+        no_relay: bool,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Only the relay of one service's outbox, with `/health` (needs a
+    /// broker): for services started with `--no-relay`. Run as many as
+    /// you like; they share the work and take over from each other.
+    Relay {
+        /// Whose outbox.
         #[arg(value_enum)]
         name: ServiceName,
         #[command(flatten)]
@@ -134,9 +155,10 @@ impl ServiceName {
 }
 
 impl ShopArgs {
-    fn config(&self) -> ShopConfig {
+    fn config(&self, role: Role) -> ShopConfig {
         ShopConfig {
             choreography: self.mode == Mode::Choreography,
+            role,
             ..ShopConfig::default()
         }
     }
@@ -186,8 +208,9 @@ fn postgres(url: &str, name: &str) -> Result<Databases, String> {
     }
 }
 
-/// `serve` (every service) or `service NAME` (one), with the HTTP API.
-async fn serve(shop_args: &ShopArgs, services: Services, args: &ServeArgs) -> ExitCode {
+/// `serve` (every service), `service NAME` (one) or `relay NAME` (one
+/// service's relay), with the HTTP API of what runs here.
+async fn serve(shop_args: &ShopArgs, services: Services, role: Role, args: &ServeArgs) -> ExitCode {
     if shop_args.transport == TransportKind::Memory && services != Services::ALL {
         eprintln!(
             "error: one service per process needs a broker: --transport kafka, amqp or redis"
@@ -204,7 +227,7 @@ async fn serve(shop_args: &ShopArgs, services: Services, args: &ServeArgs) -> Ex
     let started = async {
         let transport =
             transport::connect(shop_args.transport, &format!("{}.", args.instance)).await?;
-        shop::start(&databases, services, transport, &shop_args.config()).await
+        shop::start(&databases, services, transport, &shop_args.config(role)).await
     };
     let shop = match started.await {
         Ok(shop) => shop,
@@ -215,11 +238,22 @@ async fn serve(shop_args: &ShopArgs, services: Services, args: &ServeArgs) -> Ex
     };
     tracing::info!(
         ?services,
+        ?role,
         %databases,
         transport = %shop_args.transport,
         "services started; their data stays for the next start"
     );
-    match http::serve(shop, services, args.listen).await {
+    // A relay process serves `/health` only.
+    let routes = if role == Role::Relays {
+        Services {
+            order: false,
+            stock: false,
+            payment: false,
+        }
+    } else {
+        services
+    };
+    match http::serve(shop, routes, args.listen).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {}: {error}", args.listen);
@@ -239,7 +273,7 @@ async fn demo(shop_args: &ShopArgs, keep: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let config = shop_args.config();
+    let config = shop_args.config(Role::ServicesAndRelays);
     println!(
         "e-commerce saga demo {run}: {}, one database per service in {databases}, transport {}\n",
         if config.choreography {
@@ -303,9 +337,23 @@ async fn main() -> ExitCode {
     logs::init("warn,sqlx::query=error,ecommerce=info");
     match &cli.command {
         None => demo(&cli.shop, cli.keep).await,
-        Some(Command::Serve(args)) => serve(&cli.shop, Services::ALL, args).await,
-        Some(Command::Service { name, serve: args }) => {
-            serve(&cli.shop, name.services(), args).await
+        Some(Command::Serve(args)) => {
+            serve(&cli.shop, Services::ALL, Role::ServicesAndRelays, args).await
+        }
+        Some(Command::Service {
+            name,
+            no_relay,
+            serve: args,
+        }) => {
+            let role = if *no_relay {
+                Role::Services
+            } else {
+                Role::ServicesAndRelays
+            };
+            serve(&cli.shop, name.services(), role, args).await
+        }
+        Some(Command::Relay { name, serve: args }) => {
+            serve(&cli.shop, name.services(), Role::Relays, args).await
         }
     }
 }

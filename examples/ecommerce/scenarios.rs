@@ -490,7 +490,7 @@ async fn scenarios(
         let deadline_config = ShopConfig {
             deadline: Duration::from_secs(1),
             attempts: 1,
-            choreography: false,
+            ..config.clone()
         };
         let started = Instant::now();
         let late = shops
@@ -508,7 +508,7 @@ async fn scenarios(
         let retry_config = ShopConfig {
             deadline: Duration::from_secs(1),
             attempts: 2,
-            choreography: false,
+            ..config.clone()
         };
         let started = Instant::now();
         let retried = shops

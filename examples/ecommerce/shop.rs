@@ -89,6 +89,21 @@ pub(crate) struct ShopConfig {
     pub(crate) attempts: u32,
     /// Events between the services instead of an orchestrator.
     pub(crate) choreography: bool,
+    /// What this process runs of its services.
+    pub(crate) role: Role,
+}
+
+/// What a process runs of the services it opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The services, and a relay per service publishing its outbox.
+    ServicesAndRelays,
+    /// The services; processes of their own relay their outboxes
+    /// (`ecommerce relay NAME`).
+    Services,
+    /// Only a relay per service: it publishes what the services' processes
+    /// wrote to their outboxes.
+    Relays,
 }
 
 impl Default for ShopConfig {
@@ -97,6 +112,7 @@ impl Default for ShopConfig {
             deadline: Duration::from_secs(10),
             attempts: 3,
             choreography: false,
+            role: Role::ServicesAndRelays,
         }
     }
 }
@@ -333,7 +349,7 @@ macro_rules! services_on {
 
         use super::{
             missing, step_error, step_status, Cents, Item, OrderView, PlaceOrder, Reserved, SagaSummary,
-            Services, ShopApi, ShopConfig, StepView,
+            Role, Services, ShopApi, ShopConfig, StepView,
         };
 
         type Tx = sqlx::Transaction<'static, $db>;
@@ -717,7 +733,8 @@ macro_rules! services_on {
         }
 
         impl Node {
-            /// Starts a relay per store, and each service whose store is given.
+            /// Starts a relay per store, and each service whose store is
+            /// given, as `config.role` says.
             pub(crate) async fn start(
                 orders: Option<$store>,
                 stock: Option<$store>,
@@ -726,11 +743,25 @@ macro_rules! services_on {
                 config: &ShopConfig,
             ) -> saga::Result<Self> {
                 let mut workers = Vec::new();
-                for store in [&orders, &stock, &payment].into_iter().flatten() {
-                    workers.push(
-                        Relay::new(store.clone(), Arc::clone(&transport), RelayConfig::default())
-                            .spawn(),
-                    );
+                if config.role != Role::Services {
+                    for store in [&orders, &stock, &payment].into_iter().flatten() {
+                        workers.push(
+                            Relay::new(store.clone(), Arc::clone(&transport), RelayConfig::default())
+                                .spawn(),
+                        );
+                    }
+                }
+                if config.role == Role::Relays {
+                    return Ok(Self {
+                        choreography: config.choreography,
+                        orders,
+                        stock,
+                        payment,
+                        transport,
+                        orchestrator: None,
+                        workers: Mutex::new(workers),
+                        payment_worker: Mutex::new(None),
+                    });
                 }
                 if config.choreography {
                     if let Some(stock) = &stock {

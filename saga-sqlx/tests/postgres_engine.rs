@@ -35,7 +35,8 @@ engine_case!(
 
 /// Deadlines are compared on the database's clock: an orchestrator on a host
 /// whose clock is 10 minutes ahead does not time out a step whose 60 s
-/// deadline has just started.
+/// deadline has just started, and one on a host 10 minutes behind does not
+/// start a deadline that has already passed for everyone else.
 mod skewed_host {
     use std::sync::Arc;
     use std::time::Duration;
@@ -43,8 +44,8 @@ mod skewed_host {
     use async_trait::async_trait;
     use saga_core::memory::MemoryTransport;
     use saga_core::{
-        Orchestrator, OrchestratorConfig, SagaDefinition, SagaState, SagaStep, StepContext,
-        StepError, StepOutcome, StepStatus, Transactional,
+        Orchestrator, OrchestratorConfig, SagaDefinition, SagaId, SagaState, SagaStep,
+        StartOptions, StepContext, StepError, StepOutcome, StepStatus, Transactional,
     };
     use saga_outbox::{Relay, RelayConfig};
     use saga_sqlx::PostgresStore;
@@ -52,6 +53,14 @@ mod skewed_host {
     type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
 
     const SCHEMA: &str = "SAGA_SKEWED_ORCHESTRATOR_SCHEMA";
+    /// How far the child's clock is off, in minutes (negative: behind).
+    const SKEW: &str = "SAGA_SKEW_MINUTES";
+
+    /// Sets this process's clock off as the parent asked.
+    fn skew_as_asked() {
+        let minutes: i64 = std::env::var(SKEW).unwrap().parse().unwrap();
+        saga_core::clock::skew(chrono::Duration::minutes(minutes));
+    }
 
     /// A remote step nobody answers, with the default 60 s deadline.
     struct Unanswered;
@@ -95,7 +104,7 @@ mod skewed_host {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/saga_test".to_owned())
     }
 
-    /// An orchestrator on a host 10 minutes ahead, for 3 s. Started by
+    /// An orchestrator on a skewed host, for 3 s. Started by
     /// `an_orchestrator_on_a_skewed_host_keeps_the_deadlines` as a child
     /// process; it does nothing on its own.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +113,7 @@ mod skewed_host {
         let Ok(schema) = std::env::var(SCHEMA) else {
             return;
         };
-        saga_core::clock::skew(chrono::Duration::minutes(10));
+        skew_as_asked();
         let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
         let store = PostgresStore::with_schema(pool, &schema).unwrap();
         let worker = orchestrator(&store, &MemoryTransport::default())
@@ -115,9 +124,36 @@ mod skewed_host {
         worker.shutdown().await;
     }
 
-    /// Runs `helper` in a child process whose clock is 10 minutes ahead,
-    /// on `schema`; whether it passed.
-    fn child(helper: &str, schema: &str) -> bool {
+    /// The saga the skewed child starts.
+    const SAGA: &str = "SAGA_SKEWED_SAGA_ID";
+
+    /// Starts a saga (`SAGA`) on a skewed host: its first step sends the
+    /// command, in the starting transaction. Started by
+    /// `an_orchestrator_on_a_host_behind_starts_deadlines_on_the_database_clock`.
+    #[tokio::test]
+    #[ignore = "helper: the child process of an_orchestrator_on_a_host_behind_starts_deadlines_on_the_database_clock"]
+    async fn skewed_child_starting() {
+        let (Ok(schema), Ok(id)) = (std::env::var(SCHEMA), std::env::var(SAGA)) else {
+            return;
+        };
+        skew_as_asked();
+        let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+        let store = PostgresStore::with_schema(pool, &schema).unwrap();
+        let options = StartOptions {
+            id: Some(id.parse().unwrap()),
+            ..StartOptions::default()
+        };
+        let mut tx = store.begin().await.unwrap();
+        orchestrator(&store, &MemoryTransport::default())
+            .start_with(&mut tx, "asking", &serde_json::json!({"order": 2}), options)
+            .await
+            .unwrap();
+        store.commit(tx).await.unwrap();
+    }
+
+    /// Runs `helper` in a child process whose clock is `minutes` off, on
+    /// `schema`; whether it passed.
+    fn child(helper: &str, minutes: i64, schema: &str, saga: Option<SagaId>) -> bool {
         std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -127,6 +163,8 @@ mod skewed_host {
                 "1",
             ])
             .env(SCHEMA, schema)
+            .env(SKEW, minutes.to_string())
+            .env(SAGA, saga.map(|id| id.to_string()).unwrap_or_default())
             .env("DATABASE_URL", database_url())
             .stdout(std::process::Stdio::null())
             .status()
@@ -143,7 +181,7 @@ mod skewed_host {
         let Ok(schema) = std::env::var(SCHEMA) else {
             return;
         };
-        saga_core::clock::skew(chrono::Duration::minutes(10));
+        skew_as_asked();
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
             .connect(&database_url())
@@ -169,7 +207,7 @@ mod skewed_host {
             return;
         };
         assert!(
-            child("skewed_child_reading_the_time", &schema),
+            child("skewed_child_reading_the_time", 10, &schema, None),
             "the skewed store read the time wrong (see its output)"
         );
     }
@@ -204,7 +242,7 @@ mod skewed_host {
         assert!(sent.awaiting.is_some(), "the command was sent");
 
         assert!(
-            child("skewed_child_orchestrator", &schema),
+            child("skewed_child_orchestrator", 10, &schema, None),
             "the skewed orchestrator ran"
         );
 
@@ -214,6 +252,44 @@ mod skewed_host {
             (after.state, after.attempt, after.wake_at),
             (SagaState::Running, 1, sent.wake_at),
             "the skewed orchestrator acted on a deadline that had not passed: {events:?}"
+        );
+    }
+
+    /// A host 10 minutes behind starts a saga, whose first step sends its
+    /// command: the 60 s deadline ends a minute from the database's now,
+    /// not 9 minutes ago, and an orchestrator on a right clock leaves it
+    /// running.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_orchestrator_on_a_host_behind_starts_deadlines_on_the_database_clock() {
+        let Some((store, schema)) = super::store().await else {
+            return;
+        };
+        let orchestrator = orchestrator(&store, &MemoryTransport::default());
+        let id = SagaId::new();
+        assert!(
+            child("skewed_child_starting", -10, &schema, Some(id)),
+            "the host behind started the saga (see its output)"
+        );
+        let sent = orchestrator.saga(id).await.unwrap().unwrap().instance;
+        assert!(sent.awaiting.is_some(), "the command was sent");
+        let wake_at = sent
+            .wake_at
+            .expect("a step waiting for its reply has a deadline");
+        let left = wake_at - store.now().await;
+        assert!(
+            left > chrono::Duration::seconds(30) && left <= chrono::Duration::seconds(60),
+            "the deadline the host behind set ends {left} from the database's now, not about 60 s"
+        );
+
+        let engine = orchestrator.spawn().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        engine.shutdown().await;
+        let after = orchestrator.saga(id).await.unwrap().unwrap().instance;
+        let events: Vec<StepStatus> = after.history.iter().map(|e| e.status).collect();
+        assert_eq!(
+            (after.state, after.attempt, after.wake_at),
+            (SagaState::Running, 1, sent.wake_at),
+            "a deadline the host behind started fired early: {events:?}"
         );
     }
 }
