@@ -342,6 +342,10 @@ const SHARED_CHANNEL: &str = "campaign.shared-keys";
 /// How many writers commit at once, and over how few ordering keys.
 const WRITERS: u64 = 4;
 const SHARED_KEYS: usize = 3;
+/// One message in so many orders comes from each writer: the relay
+/// publishes a key's messages one at a time, so a few keys' lines drain
+/// slowly, and the campaign is about the sagas.
+const ORDERS_PER_SHARED_WRITE: usize = 40;
 
 /// Several writers committing messages of the same ordering keys at once,
 /// into the orders service's outbox (its relays, killed and restarted with
@@ -351,22 +355,27 @@ const SHARED_KEYS: usize = 3;
 /// records the value in `campaign_commits`. The counter's row lock queues
 /// the writers of a key, so the value is the key's commit order, while the
 /// outbox `seq` was drawn before the queue: a writer that overtook another
-/// commits a smaller position with a larger `seq`. Runs until `running` is
-/// false; returns how many it committed.
-async fn write_shared_keys(store: PostgresStore, writer: u64, running: Arc<AtomicBool>) -> usize {
+/// commits a smaller position with a larger `seq`. Runs until it committed
+/// `writes` or `running` is false; returns how many it committed.
+async fn write_shared_keys(
+    store: PostgresStore,
+    writer: u64,
+    writes: usize,
+    running: Arc<AtomicBool>,
+) -> usize {
     let mut rng = fastrand::Rng::with_seed(writer);
     let mut committed = 0;
-    while running.load(Ordering::Relaxed) {
+    while committed < writes && running.load(Ordering::Relaxed) {
         let key = format!("shared-{}", rng.usize(..SHARED_KEYS));
         let message = Message::new("campaign.written", format!("writer {writer}").into_bytes())
             .with_ordering_key(key.clone());
-        let pause = Duration::from_millis(rng.u64(0..30));
+        let pause = Duration::from_millis(rng.u64(0..50));
         // A failure (the database away) loses nothing: the transaction
         // rolled back whole, message and position together.
         if write_shared_key(&store, &key, message, pause).await.is_ok() {
             committed += 1;
         }
-        tokio::time::sleep(Duration::from_millis(rng.u64(10..100))).await;
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..50))).await;
     }
     committed
 }
@@ -789,7 +798,13 @@ async fn campaign(mode: &str, broker: Broker) {
     let writers: Vec<_> = (0..WRITERS)
         .map(|writer| {
             let store = PostgresStore::with_schema(orders_db.clone(), "saga").unwrap();
-            tokio::spawn(write_shared_keys(store, writer, Arc::clone(&writing)))
+            let writes = (orders / ORDERS_PER_SHARED_WRITE).max(25);
+            tokio::spawn(write_shared_keys(
+                store,
+                writer,
+                writes,
+                Arc::clone(&writing),
+            ))
         })
         .collect();
     let order_ports = [services[0].port, services[3].port];

@@ -11,6 +11,8 @@
 //! | ack after the handler | offsets are committed by hand, only up to the oldest delivery not yet acked in each partition |
 //! | nack, dropped delivery | the member seeks its partition back to that offset: the message and those after it come again, in order |
 //! | dead member | the group rebalances; the new owner starts at the committed offset |
+//! | broker away | the client reconnects by itself; `next()` reports one of its errors at a time (the rest are logged at debug), so what is published after the outage is not queued behind them |
+//! | subscription dropped | the member leaves its group on a thread of its own: the close waits for a rebalance in progress, which neither the runtime nor the caller waits for |
 //! | dead letter | produced to `<channel>.dlq` with the error, confirmed, then acked |
 //! | attempts | counted by the member (Kafka keeps no delivery count) |
 //! | dead letters listed | the `<channel>.dlq` topic read from its start to its end, less the ids in `<channel>.dlq.replayed` |
@@ -22,6 +24,7 @@
 //! still takes what handlers reject.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -311,10 +314,11 @@ impl Transport for KafkaTransport {
         consumer.subscribe(&names).map_err(kafka("subscribe"))?;
         let shared = Arc::new(Shared {
             transport: self.clone(),
-            consumer,
+            consumer: Member(Some(consumer)),
             partitions,
             rewinds: Mutex::default(),
             attempts: Mutex::default(),
+            error_waiting: AtomicBool::new(false),
         });
         let (sender, received) = mpsc::channel(BUFFER);
         let poller = tokio::spawn(poll(Arc::clone(&shared), sender));
@@ -500,14 +504,50 @@ impl ConsumerContext for Rebalancing {
     }
 }
 
+/// A member's consumer, which leaves its group on a thread of its own when
+/// dropped. librdkafka's close returns once the group let the member go,
+/// which takes as long as a rebalance in progress does: minutes after a
+/// broker outage (a join waits for members that are gone, up to
+/// `max.poll.interval.ms`), and it never returned in a test whose broker
+/// came back from an outage. Dropping a subscription must block neither
+/// the runtime's thread nor whoever drops it.
+struct Member(Option<StreamConsumer<Rebalancing>>);
+
+impl std::ops::Deref for Member {
+    type Target = StreamConsumer<Rebalancing>;
+
+    fn deref(&self) -> &Self::Target {
+        self.0
+            .as_ref()
+            .expect("the consumer is taken only when the member is dropped")
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let Some(consumer) = self.0.take() else {
+            return;
+        };
+        if let Err(error) = std::thread::Builder::new()
+            .name("saga-kafka-leave".into())
+            .spawn(move || drop(consumer))
+        {
+            // The consumer went down with the closure: it closed here.
+            tracing::warn!(%error, "no thread to close the Kafka consumer on; it closed on the caller's");
+        }
+    }
+}
+
 struct Shared {
     transport: KafkaTransport,
-    consumer: StreamConsumer<Rebalancing>,
+    consumer: Member,
     partitions: Arc<Mutex<HashMap<(String, i32), PartitionState>>>,
     /// Offsets nacked or dropped, to seek back to before the next delivery.
     rewinds: Mutex<Vec<(String, i32, i64)>>,
     /// Deliveries per (topic, partition, offset) by this member.
     attempts: Mutex<HashMap<(String, i32, i64), u32>>,
+    /// Whether an error waits in the channel to `next()` (see [`poll`]).
+    error_waiting: AtomicBool,
 }
 
 impl Shared {
@@ -556,6 +596,12 @@ struct Record {
 
 /// Polls the consumer for as long as the subscription lives: this serves
 /// the group's heartbeats and rebalances too.
+///
+/// The client's errors (a broker unreachable, all brokers down) tell of its
+/// state; it reconnects by itself. One of them waits in the channel at a
+/// time and the others are only logged: queued, the dozens an outage raises
+/// would stand between `next()` and the messages after it, each costing its
+/// caller a backoff.
 async fn poll(shared: Arc<Shared>, sender: mpsc::Sender<Result<Record>>) {
     loop {
         let read = match shared.consumer.recv().await {
@@ -585,7 +631,14 @@ async fn poll(shared: Arc<Shared>, sender: mpsc::Sender<Result<Record>>) {
                     epoch,
                 })
             }
-            Err(error) => Err(kafka("consume")(error)),
+            Err(error) => {
+                if shared.error_waiting.swap(true, Ordering::AcqRel) {
+                    tracing::debug!(%error, "Kafka consumer error (one is already waiting to be reported)");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(kafka("consume")(error))
+            }
         };
         let failed = read.is_err();
         if sender.send(read).await.is_err() {
@@ -686,7 +739,10 @@ impl Subscription for KafkaSubscription {
                 .received
                 .recv()
                 .await
-                .ok_or_else(|| Error::Closed("the Kafka poll task ended".into()))??;
+                .ok_or_else(|| Error::Closed("the Kafka poll task ended".into()))?;
+            let record = record.inspect_err(|_| {
+                self.shared.error_waiting.store(false, Ordering::Release);
+            })?;
             let Some(attempt) = self.admit(&record) else {
                 continue;
             };

@@ -132,3 +132,53 @@ async fn a_group_rejoins_after_an_outage_longer_than_its_session() {
         story.lock().unwrap()
     );
 }
+
+/// The errors an outage raised do not stand between a member and what is
+/// published after it: at most one waits for the next `next()`. Before, each
+/// error the client raised while the broker was away was queued, so a
+/// consumer that backs off after each error (as the library's workers do,
+/// up to 5 s) spent many minutes on stale errors while its partitions'
+/// messages waited behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_leaves_at_most_one_error_before_the_next_message() {
+    let Some(mut broker) = Nisshi::start().await else {
+        return;
+    };
+    let config = KafkaConfig::default()
+        .brokers(broker.address())
+        .prefix(format!("{}.", unique("errors")))
+        .partitions(1);
+    let subject = KafkaTransport::connect(config).await.unwrap();
+    let channel = unique("events");
+    let mut sub = subject
+        .subscribe(&unique("group"), std::slice::from_ref(&channel))
+        .await
+        .unwrap();
+    // Away for a while, with nobody calling `next()`.
+    broker.kill();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    broker.restart().await;
+    let message = Message::new("thing.done", b"after".to_vec()).with_ordering_key("k");
+    let give_up = Instant::now() + PATIENCE * 3;
+    while let Err(error) = subject.publish(&channel, &message).await {
+        assert!(Instant::now() < give_up, "never confirmed: {error}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut errors = Vec::new();
+    let delivery = loop {
+        match tokio::time::timeout(PATIENCE * 3, sub.next())
+            .await
+            .expect("the message published after the outage arrives")
+        {
+            Ok(delivery) => break delivery,
+            Err(error) => errors.push(error.to_string()),
+        }
+    };
+    assert_eq!(delivery.message.id, message.id);
+    assert!(
+        errors.len() <= 1,
+        "{} errors stood before the message published after the outage: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+}
