@@ -23,14 +23,16 @@
 //! ```
 //!
 //! Each service relays its own outbox. With `service NAME --no-relay` it
-//! only writes to it, and `relay NAME` processes (any number) publish it:
+//! only writes to it, and `relay NAME` processes (any number, with the
+//! service's `--instance` and `--database-url`) publish it; without one,
+//! nothing it writes is published:
 //!
 //! ```sh
 //! cargo run --example ecommerce --features redis -- service order --no-relay --transport redis --listen 127.0.0.1:3001
 //! cargo run --example ecommerce --features redis -- relay order --transport redis --listen 127.0.0.1:3011
 //! ```
 //!
-//! `serve` and `service` keep their data (by default in SQLite files under
+//! `serve`, `service` and `relay` keep their data (by default in SQLite files under
 //! the system's temporary directory, `saga-<instance>-data`) and use fixed
 //! channel names (prefix `<instance>.`), so a service can be killed and
 //! started again, and processes find each other through the broker. One
@@ -120,7 +122,7 @@ struct ShopArgs {
     database_url: Option<String>,
 }
 
-/// Options of `serve` and `service`.
+/// Options of `serve`, `service` and `relay`.
 #[derive(Args)]
 struct ServeArgs {
     /// The HTTP API's address.
@@ -163,7 +165,7 @@ impl ShopArgs {
         }
     }
 
-    /// Where `serve` and `service` keep their data: the same place every
+    /// Where `serve`, `service` and `relay` keep their data: the same place every
     /// start, named after the instance.
     fn serve_databases(&self, instance: &str) -> Result<Databases, String> {
         match self.database_url.as_deref() {
@@ -212,9 +214,12 @@ fn postgres(url: &str, name: &str) -> Result<Databases, String> {
 /// service's relay), with the HTTP API of what runs here.
 async fn serve(shop_args: &ShopArgs, services: Services, role: Role, args: &ServeArgs) -> ExitCode {
     if shop_args.transport == TransportKind::Memory && services != Services::ALL {
-        eprintln!(
-            "error: one service per process needs a broker: --transport kafka, amqp or redis"
-        );
+        let what = if role == Role::Relays {
+            "a relay in a process of its own"
+        } else {
+            "one service per process"
+        };
+        eprintln!("error: {what} needs a broker: --transport kafka, amqp or redis");
         return ExitCode::from(2);
     }
     let databases = match shop_args.serve_databases(&args.instance) {

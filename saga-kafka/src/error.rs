@@ -30,9 +30,13 @@ fn retryable_code(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-/// Whether retrying after `error` can help.
+/// Whether retrying after `error` can help. (rdkafka gives no code for an
+/// admin operation's error, so it is read from the error itself.)
 pub(crate) fn is_retryable(error: &KafkaError) -> bool {
-    error.rdkafka_error_code().is_some_and(retryable_code)
+    match error {
+        KafkaError::AdminOp(code) => retryable_code(*code),
+        error => error.rdkafka_error_code().is_some_and(retryable_code),
+    }
 }
 
 /// Wraps an rdkafka error with what was being done.
@@ -45,8 +49,22 @@ pub(crate) fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use super::retryable_code;
-    use rdkafka::error::RDKafkaErrorCode as C;
+    use super::{is_retryable, retryable_code};
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
+
+    /// Creating a topic while the broker is away times out: the outbox
+    /// message that needed it must be retried, not dead-lettered (the 10k
+    /// Kafka campaign saw one dead-lettered on its first attempt).
+    #[test]
+    fn an_admin_operation_that_timed_out_is_retryable() {
+        assert!(is_retryable(&KafkaError::AdminOp(C::OperationTimedOut)));
+        assert!(is_retryable(&KafkaError::AdminOp(
+            C::BrokerTransportFailure
+        )));
+        assert!(!is_retryable(&KafkaError::AdminOp(
+            C::TopicAuthorizationFailed
+        )));
+    }
 
     #[test]
     fn transient_codes_are_retryable() {

@@ -12,7 +12,7 @@
 //! | nack, dropped delivery | the member seeks its partition back to that offset: the message and those after it come again, in order |
 //! | dead member | the group rebalances; the new owner starts at the committed offset |
 //! | broker away | the client reconnects by itself; `next()` reports one of its errors at a time (the rest are logged at debug), so what is published after the outage is not queued behind them |
-//! | subscription dropped | the member leaves its group on a thread of its own: the close waits for a rebalance in progress, which neither the runtime nor the caller waits for |
+//! | subscription dropped | the member leaves its group on a thread of its own, waited for up to 3 s: a clean leave is quicker; a close held by a rebalance in progress goes on in the background |
 //! | dead letter | produced to `<channel>.dlq` with the error, confirmed, then acked |
 //! | attempts | counted by the member (Kafka keeps no delivery count) |
 //! | dead letters listed | the `<channel>.dlq` topic read from its start to its end, less the ids in `<channel>.dlq.replayed` |
@@ -505,13 +505,16 @@ impl ConsumerContext for Rebalancing {
 }
 
 /// A member's consumer, which leaves its group on a thread of its own when
-/// dropped. librdkafka's close returns once the group let the member go,
-/// which takes as long as a rebalance in progress does: minutes after a
-/// broker outage (a join waits for members that are gone, up to
-/// `max.poll.interval.ms`), and it never returned in a test whose broker
-/// came back from an outage. Dropping a subscription must block neither
-/// the runtime's thread nor whoever drops it.
+/// dropped, waited for up to [`LEAVE_WAIT`]. librdkafka's close returns once
+/// the group let the member go: at once when the group is stable (the
+/// member then left cleanly, and the others need not wait a session
+/// timeout for its partitions), but only as long as a rebalance in
+/// progress takes otherwise, which after a broker outage never ended in a
+/// test. Dropping a subscription must not hold the runtime's thread longer.
 struct Member(Option<StreamConsumer<Rebalancing>>);
+
+/// How long dropping a subscription waits for its member to leave.
+const LEAVE_WAIT: Duration = Duration::from_secs(3);
 
 impl std::ops::Deref for Member {
     type Target = StreamConsumer<Rebalancing>;
@@ -528,12 +531,25 @@ impl Drop for Member {
         let Some(consumer) = self.0.take() else {
             return;
         };
-        if let Err(error) = std::thread::Builder::new()
+        let (left, has_left) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
             .name("saga-kafka-leave".into())
-            .spawn(move || drop(consumer))
-        {
+            .spawn(move || {
+                drop(consumer);
+                let _ = left.send(());
+            });
+        match spawned {
+            Ok(_) => {
+                if has_left.recv_timeout(LEAVE_WAIT).is_err() {
+                    tracing::warn!(
+                        "the Kafka consumer has not left its group after {LEAVE_WAIT:?}; it goes on leaving in the background"
+                    );
+                }
+            }
             // The consumer went down with the closure: it closed here.
-            tracing::warn!(%error, "no thread to close the Kafka consumer on; it closed on the caller's");
+            Err(error) => {
+                tracing::warn!(%error, "no thread to close the Kafka consumer on; it closed on the caller's");
+            }
         }
     }
 }
@@ -633,7 +649,11 @@ async fn poll(shared: Arc<Shared>, sender: mpsc::Sender<Result<Record>>) {
             }
             Err(error) => {
                 if shared.error_waiting.swap(true, Ordering::AcqRel) {
-                    tracing::debug!(%error, "Kafka consumer error (one is already waiting to be reported)");
+                    if crate::error::is_retryable(&error) {
+                        tracing::debug!(%error, "Kafka consumer error (one is already waiting to be reported)");
+                    } else {
+                        tracing::warn!(%error, "Kafka consumer error (one is already waiting to be reported)");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

@@ -362,6 +362,26 @@ impl OutboxStore for PostgresStore {
             headers.push(h);
             payloads.push(payload);
         }
+        // Order means commit order, and a relay takes a key's line in `seq`
+        // order: the writers of one key must commit in the order they draw
+        // their `seq`s. Each takes the key's lock (released at its commit)
+        // before it draws one, so a second writer of the key waits for the
+        // first to commit. Keys are locked in sorted order, so writers of
+        // the same keys never wait for each other in a circle. The same
+        // statement raises the relays' notification, delivered at commit
+        // (identical ones of one transaction fold into one).
+        sqlx::query(
+            "SELECT pg_notify($1, ''), (SELECT count(*) FROM (\
+               SELECT pg_advisory_xact_lock(hashtext($2), hashtext(k)) \
+               FROM (SELECT DISTINCT k FROM UNNEST($3::text[]) AS u(k) WHERE k IS NOT NULL ORDER BY k) AS keys\
+             ) AS locked)",
+        )
+        .bind(self.notify_channel())
+        .bind(self.t("saga_outbox"))
+        .bind(&keys)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("locking the messages' ordering keys"))?;
         sqlx::query(&format!(
             "INSERT INTO {} (channel, message_id, ordering_key, headers, payload, created_at, retry_at) \
              SELECT c, i, k, h, p, $6, $6 FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::jsonb[], $5::bytea[]) \
@@ -377,12 +397,6 @@ impl OutboxStore for PostgresStore {
         .execute(&mut **tx)
         .await
         .map_err(db("enqueueing outbox messages"))?;
-        // Delivered at commit; identical notifications of one transaction fold into one.
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(self.notify_channel())
-            .execute(&mut **tx)
-            .await
-            .map_err(db("notifying relays"))?;
         Ok(())
     }
 

@@ -101,7 +101,10 @@ async fn enqueue_notifies_once_per_committed_transaction() {
 /// A message that commits after a newer one of its key was claimed (two
 /// writers, the older one slower) is not claimed while that one is in
 /// flight: two relays would publish the key at once, and the broker would
-/// pick their order.
+/// pick their order. `enqueue` makes the second writer of a key wait for
+/// the first, so only a writer that bypasses it (a version of the library
+/// before that lock, during a rolling deploy) commits the key out of
+/// order: the slow writer here inserts its row as such a version did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_commit_does_not_open_a_second_line_for_its_key() {
     use saga_core::store::ClaimRequest;
@@ -114,7 +117,15 @@ async fn a_late_commit_does_not_open_a_second_line_for_its_key() {
         )
     };
     let mut slow = store.begin().await.unwrap();
-    store.enqueue(&mut slow, &[entry("older")]).await.unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {}.saga_outbox (channel, message_id, ordering_key, headers, payload, created_at, retry_at) \
+         VALUES ('events', $1, 'k', '{{}}', 'older', now(), now())",
+        store.schema()
+    ))
+    .bind(saga_core::MessageId::new().as_uuid())
+    .execute(&mut *slow)
+    .await
+    .unwrap();
     let mut fast = store.begin().await.unwrap();
     store.enqueue(&mut fast, &[entry("newer")]).await.unwrap();
     store.commit(fast).await.unwrap();
@@ -136,6 +147,49 @@ async fn a_late_commit_does_not_open_a_second_line_for_its_key() {
         labels.is_empty(),
         "claimed {labels:?} while relay-a still publishes the key"
     );
+}
+
+/// A second writer of a key waits at `enqueue` until the first committed,
+/// so a key's `seq`s are its commit order; writers of other keys do not wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_writer_of_a_key_waits_for_the_first_to_commit() {
+    use saga_core::{Message, OutboxEntry, OutboxStore, Transactional};
+    let Some(store) = store().await else { return };
+    let entry = |key: &str| {
+        OutboxEntry::new(
+            "events",
+            Message::new("test.event", b"{}".to_vec()).with_ordering_key(key),
+        )
+    };
+    let mut first = store.begin().await.unwrap();
+    store.enqueue(&mut first, &[entry("k")]).await.unwrap();
+    let mut other_key = store.begin().await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        store.enqueue(&mut other_key, &[entry("j")]),
+    )
+    .await
+    .expect("a writer of another key does not wait")
+    .unwrap();
+    store.commit(other_key).await.unwrap();
+    let second = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut tx = store.begin().await.unwrap();
+            store.enqueue(&mut tx, &[entry("k")]).await.unwrap();
+            store.commit(tx).await.unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !second.is_finished(),
+        "the second writer of the key committed while the first was open"
+    );
+    store.commit(first).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("the second writer goes on once the first committed")
+        .unwrap();
 }
 
 /// A database that refuses connections for a while (restarting, or

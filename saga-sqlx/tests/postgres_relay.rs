@@ -73,6 +73,12 @@ async fn concurrent_writers_of_one_key_never_have_it_published_twice_at_once() {
     relay_cases::concurrent_writers_of_one_key_never_have_it_published_twice_at_once(store).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_is_published_in_commit_order() {
+    let Some(store) = store().await else { return };
+    relay_cases::a_key_is_published_in_commit_order(store).await;
+}
+
 /// A broker that is a table: a publish is confirmed once its row committed,
 /// so what a killed process published stays visible.
 struct TableBroker {

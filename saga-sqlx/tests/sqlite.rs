@@ -101,6 +101,12 @@ mod relay {
         )
         .await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_is_published_in_commit_order() {
+        let store = super::store().await.unwrap();
+        super::relay_cases::a_key_is_published_in_commit_order(store).await;
+    }
 }
 
 /// The application's own sqlx migrations and the store's share the file, in

@@ -3,7 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use saga_core::memory::{MemoryTransport, PublishFault};
@@ -368,5 +368,51 @@ pub async fn concurrent_writers_of_one_key_never_have_it_published_twice_at_once
         overlaps.load(std::sync::atomic::Ordering::SeqCst),
         0,
         "a key was published by two relays at the same time"
+    );
+}
+
+/// Two transactions write a message of one key, and the one that wrote
+/// first commits last: the key's messages are published in commit order
+/// (DESIGN: order means commit order), whatever order their `seq`s say.
+/// A store may make the second writer of a key wait for the first, so that
+/// the second commits last too; what is published first committed first.
+pub async fn a_key_is_published_in_commit_order<S: OutboxStore + Clone>(store: S) {
+    let first = Message::new("test.event", b"first".to_vec()).with_ordering_key("k");
+    let second = Message::new("test.event", b"second".to_vec()).with_ordering_key("k");
+    let committed: Arc<Mutex<Vec<saga_core::MessageId>>> = Arc::default();
+    let mut tx = store.begin().await.unwrap();
+    store
+        .enqueue(&mut tx, &[OutboxEntry::new(CHANNEL, first.clone())])
+        .await
+        .unwrap();
+    let other = {
+        let (store, committed, second) = (store.clone(), Arc::clone(&committed), second.clone());
+        tokio::spawn(async move {
+            let mut tx = store.begin().await.unwrap();
+            store
+                .enqueue(&mut tx, &[OutboxEntry::new(CHANNEL, second.clone())])
+                .await
+                .unwrap();
+            store.commit(tx).await.unwrap();
+            committed.lock().unwrap().push(second.id);
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    store.commit(tx).await.unwrap();
+    committed.lock().unwrap().push(first.id);
+    other.await.unwrap();
+    let memory = MemoryTransport::default();
+    let relay = Relay::new(store.clone(), Arc::new(memory.clone()), config("relay")).spawn();
+    wait_until_delivered(&store, Duration::from_secs(10))
+        .await
+        .unwrap();
+    relay.shutdown().await;
+    let published: Vec<_> = memory.published(CHANNEL).iter().map(|m| m.id).collect();
+    let committed = committed.lock().unwrap().clone();
+    let name = |id| if id == first.id { "first" } else { "second" };
+    assert_eq!(
+        published.iter().copied().map(name).collect::<Vec<_>>(),
+        committed.iter().copied().map(name).collect::<Vec<_>>(),
+        "published (left) in another order than committed (right)"
     );
 }
