@@ -558,8 +558,9 @@ struct Shared {
     transport: KafkaTransport,
     consumer: Member,
     partitions: Arc<Mutex<HashMap<(String, i32), PartitionState>>>,
-    /// Offsets nacked or dropped, to seek back to before the next delivery.
-    rewinds: Mutex<Vec<(String, i32, i64)>>,
+    /// Offsets nacked or dropped, with the assignment they were delivered
+    /// under, to seek back to before the next delivery.
+    rewinds: Mutex<Vec<(String, i32, i64, u64)>>,
     /// Deliveries per (topic, partition, offset) by this member.
     attempts: Mutex<HashMap<(String, i32, i64), u32>>,
     /// Whether an error waits in the channel to `next()` (see [`poll`]).
@@ -567,8 +568,9 @@ struct Shared {
 }
 
 impl Shared {
-    /// Marks an offset acked and commits as far as every older one is.
-    fn acked(&self, topic: &str, partition: i32, offset: i64) -> Result<()> {
+    /// Marks an offset delivered under assignment `epoch` acked, and commits
+    /// as far as every older one is.
+    fn acked(&self, topic: &str, partition: i32, offset: i64, epoch: u64) -> Result<()> {
         self.attempts
             .lock()
             .unwrap()
@@ -577,9 +579,12 @@ impl Shared {
             let mut partitions = self.partitions.lock().unwrap();
             let Some(state) = partitions
                 .get_mut(&(topic.to_owned(), partition))
-                .filter(|s| s.assigned)
+                .filter(|s| s.assigned && s.epoch == epoch)
             else {
-                // Revoked meanwhile: the new owner delivers it again.
+                // Revoked meanwhile (and maybe assigned again): the owner
+                // delivers it again from the committed offset. Its state
+                // now knows nothing of this offset; committing from it
+                // would commit what this assignment has not delivered.
                 return Ok(());
             };
             state.outstanding.remove(&offset);
@@ -692,19 +697,21 @@ impl KafkaSubscription {
         if rewinds.is_empty() {
             return Ok(());
         }
-        let mut oldest: HashMap<(String, i32), i64> = HashMap::new();
-        for (topic, partition, offset) in rewinds {
-            let at = oldest.entry((topic, partition)).or_insert(offset);
+        let mut oldest: HashMap<(String, i32, u64), i64> = HashMap::new();
+        for (topic, partition, offset, epoch) in rewinds {
+            let at = oldest.entry((topic, partition, epoch)).or_insert(offset);
             *at = (*at).min(offset);
         }
         let shared = Arc::clone(&self.shared);
         tokio::task::spawn_blocking(move || {
-            for ((topic, partition), offset) in oldest {
+            for ((topic, partition, epoch), offset) in oldest {
                 {
                     let mut partitions = shared.partitions.lock().unwrap();
+                    // A partition assigned again since starts at the
+                    // committed offset, which no unacked delivery is past.
                     let Some(state) = partitions
                         .get_mut(&(topic.clone(), partition))
-                        .filter(|s| s.assigned)
+                        .filter(|s| s.assigned && s.epoch == epoch)
                     else {
                         continue;
                     };
@@ -716,7 +723,14 @@ impl KafkaSubscription {
                     Offset::Offset(offset),
                     Duration::from_secs(5),
                 ) {
-                    tracing::warn!(%topic, partition, offset, %error, "seek back failed; the message comes again after a rebalance");
+                    // The partition's records are dropped until `expect`
+                    // comes: try again before the next delivery.
+                    tracing::warn!(%topic, partition, offset, %error, "seek back failed; trying again");
+                    shared
+                        .rewinds
+                        .lock()
+                        .unwrap()
+                        .push((topic, partition, offset, epoch));
                 }
             }
         })
@@ -777,6 +791,7 @@ impl Subscription for KafkaSubscription {
                 topic: record.topic,
                 partition: record.partition,
                 offset: record.offset,
+                epoch: record.epoch,
                 attempt,
                 key: record.key,
                 raw_headers: record.headers,
@@ -931,6 +946,8 @@ struct Settle {
     topic: String,
     partition: i32,
     offset: i64,
+    /// The assignment it was delivered under.
+    epoch: u64,
     attempt: u32,
     key: Option<Vec<u8>>,
     raw_headers: Vec<(String, Vec<u8>)>,
@@ -940,11 +957,12 @@ struct Settle {
 
 impl Settle {
     fn rewind(&self) {
-        self.shared
-            .rewinds
-            .lock()
-            .unwrap()
-            .push((self.topic.clone(), self.partition, self.offset));
+        self.shared.rewinds.lock().unwrap().push((
+            self.topic.clone(),
+            self.partition,
+            self.offset,
+            self.epoch,
+        ));
     }
 }
 
@@ -961,7 +979,8 @@ impl Drop for Settle {
 impl Acknowledger for Settle {
     async fn ack(mut self: Box<Self>) -> Result<()> {
         self.settled = true;
-        self.shared.acked(&self.topic, self.partition, self.offset)
+        self.shared
+            .acked(&self.topic, self.partition, self.offset, self.epoch)
     }
 
     async fn nack(mut self: Box<Self>, error: &str) -> Result<()> {
@@ -1005,6 +1024,7 @@ impl Acknowledger for Settle {
             .await
             .map_err(|(e, _)| kafka("produce (dead letter)")(e))?;
         self.settled = true;
-        self.shared.acked(&self.topic, self.partition, self.offset)
+        self.shared
+            .acked(&self.topic, self.partition, self.offset, self.epoch)
     }
 }

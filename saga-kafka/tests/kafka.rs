@@ -199,3 +199,87 @@ async fn dropped_workers_end() {
     )
     .await;
 }
+
+/// An ack of a delivery made before a rebalance does not move the group's
+/// committed offset back. The member's partition is revoked and assigned to
+/// it again when another member joins (here on another channel of the same
+/// group): what the member knows of the partition starts afresh, and the
+/// old delivery's ack used to commit from that blank state, offset 0, so
+/// the partition's next owner would start over from its first message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_from_before_a_rebalance_commits_nothing_back() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let Some(transport) = transport().await else {
+        return;
+    };
+    let (group, channel) = (unique("group"), unique("orders"));
+    let mut member = transport
+        .subscribe(&group, std::slice::from_ref(&channel))
+        .await
+        .unwrap();
+    for i in 0..10 {
+        let message =
+            Message::new("order.placed", format!("m{i}").into_bytes()).with_ordering_key("k");
+        transport.publish(&channel, &message).await.unwrap();
+    }
+    // Everything acked but the last delivery, whose offset is then what
+    // the group committed.
+    let mut held = None;
+    for _ in 0..10 {
+        let delivery = tokio::time::timeout(PATIENCE, member.next())
+            .await
+            .expect("the member receives what was published")
+            .unwrap();
+        if let Some(earlier) = held.replace(delivery) {
+            earlier.ack().await.unwrap();
+        }
+    }
+    let topic = transport.topic(&channel);
+    let (brokers, reader_group) = (transport.config().brokers.clone(), group.clone());
+    let committed = move || -> Vec<i64> {
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", &reader_group)
+            .create()
+            .unwrap();
+        let mut list = TopicPartitionList::new();
+        for partition in 0..4 {
+            list.add_partition(&topic, partition);
+        }
+        reader
+            .committed_offsets(list, Duration::from_secs(10))
+            .unwrap()
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(offset) => offset,
+                _ => -1,
+            })
+            .collect()
+    };
+    let wait_for_commits = || tokio::time::sleep(Duration::from_secs(1));
+    wait_for_commits().await;
+    let before = tokio::task::spawn_blocking(committed.clone())
+        .await
+        .unwrap();
+    assert!(
+        before.iter().any(|offset| *offset > 0),
+        "the acks were committed: {before:?}"
+    );
+    let _other = transport
+        .subscribe(&group, &[unique("invoices")])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    held.expect("a delivery held").ack().await.unwrap();
+    wait_for_commits().await;
+    let after = tokio::task::spawn_blocking(committed).await.unwrap();
+    assert!(
+        after
+            .iter()
+            .zip(&before)
+            .all(|(after, before)| after >= before),
+        "the group's committed offsets went back from {before:?} to {after:?}"
+    );
+}
