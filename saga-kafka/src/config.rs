@@ -24,6 +24,15 @@ pub struct KafkaConfig {
     /// `session.timeout.ms`: after this long without a heartbeat a member
     /// leaves its group and its partitions move to the others.
     pub session_timeout: Duration,
+    /// How often a member commits the offsets its acks stored
+    /// (`auto.commit.interval.ms`); it also commits them when a partition
+    /// is taken away from it or it stops. A member that dies without
+    /// stopping has the acks of at most this long delivered again to the
+    /// partition's next owner. Committing on every ack instead flooded the
+    /// group coordinator: its heartbeats queued behind thousands of
+    /// commits, the member's session timed out, and it spent minutes out of
+    /// its group. Default 1 s.
+    pub commit_interval: Duration,
     /// Extra librdkafka properties for producers and consumers alike.
     pub extra: Vec<(String, String)>,
 }
@@ -43,6 +52,7 @@ impl std::fmt::Debug for KafkaConfig {
             .field("max_deliveries", &self.max_deliveries)
             .field("publish_timeout", &self.publish_timeout)
             .field("session_timeout", &self.session_timeout)
+            .field("commit_interval", &self.commit_interval)
             .field("extra", &extra)
             .finish()
     }
@@ -58,6 +68,7 @@ impl Default for KafkaConfig {
             max_deliveries: 5,
             publish_timeout: Duration::from_secs(30),
             session_timeout: Duration::from_secs(10),
+            commit_interval: Duration::from_secs(1),
             extra: Vec::new(),
         }
     }
@@ -112,6 +123,13 @@ impl KafkaConfig {
     #[must_use]
     pub fn session_timeout(mut self, timeout: Duration) -> Self {
         self.session_timeout = timeout;
+        self
+    }
+
+    /// Sets how often a member commits what its acks stored.
+    #[must_use]
+    pub fn commit_interval(mut self, interval: Duration) -> Self {
+        self.commit_interval = interval.max(Duration::from_millis(1));
         self
     }
 

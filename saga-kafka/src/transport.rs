@@ -8,9 +8,9 @@
 //! | contract | how |
 //! |---|---|
 //! | publish confirmed | idempotent producer, `acks=all`; `publish` returns with the broker's acknowledgement |
-//! | ack after the handler | offsets are committed by hand, only up to the oldest delivery not yet acked in each partition |
+//! | ack after the handler | an ack stores its partition's offset up to the oldest delivery not yet acked; the member commits what is stored every [`KafkaConfig::commit_interval`] (1 s), and when the partition is revoked or the member stops: one commit per interval however many acks, so that commits never queue up ahead of the group's heartbeats |
 //! | nack, dropped delivery | the member seeks its partition back to that offset: the message and those after it come again, in order |
-//! | dead member | the group rebalances; the new owner starts at the committed offset |
+//! | dead member | the group rebalances; the new owner starts at the committed offset, so the acks of the member's last commit interval are delivered again |
 //! | broker away | the client reconnects by itself; `next()` reports one of its errors at a time (the rest are logged at debug), so what is published after the outage is not queued behind them |
 //! | subscription dropped | the member leaves its group on a thread of its own, waited for up to 3 s: a clean leave is quicker; a close held by a rebalance in progress goes on in the background |
 //! | dead letter | produced to `<channel>.dlq` with the error, confirmed, then acked |

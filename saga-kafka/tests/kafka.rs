@@ -258,7 +258,9 @@ async fn an_ack_from_before_a_rebalance_commits_nothing_back() {
             })
             .collect()
     };
-    let wait_for_commits = || tokio::time::sleep(Duration::from_secs(1));
+    // Acks are committed every commit interval.
+    let interval = transport.config().commit_interval;
+    let wait_for_commits = || tokio::time::sleep(interval * 3);
     wait_for_commits().await;
     let before = tokio::task::spawn_blocking(committed.clone())
         .await

@@ -1,5 +1,5 @@
-//! Settling one Kafka delivery: ack commits, nack and drop seek back,
-//! dead letter produces to `<channel>.dlq` first.
+//! Settling one Kafka delivery: an ack stores the offset for commit, a nack
+//! or a drop seeks back, a dead letter is produced to `<channel>.dlq` first.
 
 use std::sync::Arc;
 

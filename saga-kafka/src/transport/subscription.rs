@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use saga_core::transport::{Acknowledger, Delivery, Subscription, Transport};
@@ -41,7 +41,14 @@ pub(super) async fn subscribe(
     let partitions: Arc<Mutex<HashMap<(String, i32), PartitionState>>> = Arc::default();
     let consumer: StreamConsumer<Rebalancing> = client_config(&transport.inner.config)
         .set("group.id", group)
-        .set("enable.auto.commit", "false")
+        // Acks store offsets; librdkafka commits what is stored every
+        // `commit_interval`, and on a revoke or a stop.
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set(
+            "auto.commit.interval.ms",
+            millis(transport.inner.config.commit_interval),
+        )
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
         .set(
@@ -108,8 +115,8 @@ struct PartitionState {
     outstanding: BTreeSet<i64>,
     /// One past the highest offset delivered.
     next: i64,
-    /// The offset committed last (`None` before the first commit).
-    committed: Option<i64>,
+    /// The offset stored for commit last (`None` before the first).
+    stored: Option<i64>,
     /// After a seek back: the offset the partition must deliver next; records
     /// read before the seek are dropped until it comes.
     expect: Option<i64>,
@@ -231,8 +238,8 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    /// Marks an offset delivered under assignment `epoch` acked, and commits
-    /// as far as every older one is.
+    /// Marks an offset delivered under assignment `epoch` acked, and stores
+    /// the partition's offset for commit as far as every older one is.
     pub(super) fn acked(&self, topic: &str, partition: i32, offset: i64, epoch: u64) -> Result<()> {
         self.attempts
             .lock()
@@ -246,24 +253,24 @@ impl Shared {
             else {
                 // Revoked meanwhile (and maybe assigned again): the owner
                 // delivers it again from the committed offset. Its state
-                // now knows nothing of this offset; committing from it
-                // would commit what this assignment has not delivered.
+                // now knows nothing of this offset; storing from it would
+                // commit what this assignment has not delivered.
                 return Ok(());
             };
             state.outstanding.remove(&offset);
             let position = state.outstanding.first().copied().unwrap_or(state.next);
-            if state.committed.is_some_and(|c| position <= c) {
+            if state.stored.is_some_and(|c| position <= c) {
                 return Ok(());
             }
-            state.committed = Some(position);
+            state.stored = Some(position);
             position
         };
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(topic, partition, Offset::Offset(position))
-            .map_err(kafka("commit"))?;
+            .map_err(kafka("store offset"))?;
         self.consumer
-            .commit(&list, CommitMode::Async)
-            .map_err(kafka("commit"))
+            .store_offsets(&list)
+            .map_err(kafka("store offset"))
     }
 }
 
