@@ -8,9 +8,10 @@
 //! goes away for 15 s (a Redis server of the
 //! campaign's own paused, then SIGKILLed and restarted on its fsynced
 //! append-only file; RabbitMQ stopped and started; a Kafka broker of the
-//! campaign's own SIGKILLed and restarted on its durable storage), and a
-//! service's database goes away for 5 s as in a restart (its connections
-//! terminated, new ones refused). Afterwards, read straight from the three
+//! campaign's own SIGKILLed and restarted on its durable storage), and the
+//! services' PostgreSQL server (a cluster of the campaign's own) crashes
+//! (an immediate stop: every connection cut, no shutdown checkpoint) and
+//! starts again on its data 5 s later. Afterwards, read straight from the three
 //! databases: no order is PENDING and no saga RUNNING or COMPENSATING,
 //! stock and money add up exactly (scenario 8's invariants: nothing
 //! applied twice or left applied), and every outbox drained with nothing
@@ -43,6 +44,8 @@ const KILLS: usize = 5;
 mod example;
 #[path = "../saga-kafka/tests/support/nisshi.rs"]
 mod nisshi;
+#[path = "support/postgres_server.rs"]
+mod postgres_server;
 /// (Its servers that keep nothing are for saga-redis's own test.)
 #[allow(dead_code)]
 #[path = "../saga-redis/tests/support/redis_server.rs"]
@@ -55,6 +58,7 @@ mod shop;
 
 use example::example_binary;
 use nisshi::Nisshi;
+use postgres_server::PostgresServer;
 use redis_server::{Keeps, RedisServer};
 use shop::CHANNELS;
 
@@ -590,29 +594,6 @@ fn run(program: &str, args: &[&str]) {
     assert!(status.success(), "{program} {args:?} failed");
 }
 
-/// The database of one service refuses connections for `outage`, and the
-/// ones it had are cut, as during a restart.
-async fn database_outage(admin: &PgPool, database: &str, outage: Duration) {
-    sqlx::query(&format!(
-        "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false"
-    ))
-    .execute(admin)
-    .await
-    .unwrap();
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(database)
-        .execute(admin)
-        .await
-        .unwrap();
-    tokio::time::sleep(outage).await;
-    sqlx::query(&format!(
-        "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
-    ))
-    .execute(admin)
-    .await
-    .unwrap();
-}
-
 /// How long the orders and sagas may go without a change before the
 /// campaign gives up on them: the drain after the faults takes as long as
 /// it takes at the campaign's scale, as long as it moves (a saga's
@@ -695,24 +676,6 @@ async fn counts(pool: &PgPool, query: &str) -> HashMap<String, i64> {
         .collect()
 }
 
-/// Says, when a campaign fails, that its databases stay for inspection
-/// (they are dropped when it passes) and how to drop them.
-struct LeftForInspection(String);
-
-impl Drop for LeftForInspection {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let instance = &self.0;
-            eprintln!(
-                "the campaign's databases {instance}_orders, _stock and _payment stay for \
-                 inspection; drop them with: for s in orders stock payment; do psql \
-                 postgres://postgres@127.0.0.1:5432/postgres -c \
-                 \"DROP DATABASE {instance}_$s WITH (FORCE)\"; done"
-            );
-        }
-    }
-}
-
 /// A number from the environment, or `default`.
 fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -724,7 +687,8 @@ fn setting(name: &str, default: u64) -> u64 {
 /// The e-commerce services as processes, two instances of each (so two
 /// orchestrators and two relays per service), on PostgreSQL and `broker`.
 /// While the orders go in over HTTP: SIGKILLs of random instances, a
-/// broker outage and a database outage. Afterwards, from the databases: no
+/// broker outage and a crash of the PostgreSQL server (one of the
+/// campaign's own, started again on its data). Afterwards, from the databases: no
 /// order PENDING, stock and money exact, every outbox drained with nothing
 /// dead.
 ///
@@ -737,18 +701,18 @@ async fn campaign(mode: &str, broker: Broker) {
     let orders = usize::try_from(setting("SAGA_CAMPAIGN_ORDERS", ORDERS as u64)).unwrap();
     let kills = usize::try_from(setting("SAGA_CAMPAIGN_KILLS", KILLS as u64)).unwrap();
     let outage = Duration::from_secs(setting("SAGA_CAMPAIGN_OUTAGE_SECS", 15));
-    let server = std::env::var("ECOMMERCE_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let admin = match PgPool::connect(&format!("{server}/postgres")).await {
-        Ok(admin) => admin,
-        Err(error) => return unavailable("PostgreSQL", error).unwrap_or(()),
+    let postgres = match PostgresServer::start() {
+        Ok(postgres) => postgres,
+        Err(error) => {
+            return unavailable("a PostgreSQL cluster of the campaign's own", error).unwrap_or(());
+        }
     };
+    let server = postgres.url();
     let Ok(mut own) = broker.start().await else {
         return;
     };
     let env: Vec<(&'static str, String)> = own.iter().map(Own::env).collect();
     let instance = unique("shop").replace('-', "_");
-    let _left = LeftForInspection(instance.clone());
     let args = vec![
         "--transport".to_owned(),
         broker.arg().to_owned(),
@@ -875,12 +839,10 @@ async fn campaign(mode: &str, broker: Broker) {
             faults.push(format!("{broker:?} away {outage:?}"));
         }
         if kill == broker_outage_at + 1 {
-            let database = format!(
-                "{instance}_{}",
-                ["orders", "stock", "payment"][rng.usize(..3)]
-            );
-            database_outage(&admin, &database, Duration::from_secs(5)).await;
-            faults.push(format!("{database} away 5s"));
+            postgres.crash();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            postgres.start_again();
+            faults.push("PostgreSQL crashed, started again after 5s".to_owned());
         }
         let victim = &mut services[rng.usize(..12)];
         faults.push(format!("SIGKILL {}", victim.label()));
@@ -1052,13 +1014,6 @@ async fn campaign(mode: &str, broker: Broker) {
     }
     for pool in [orders_db, stock_db, payment_db] {
         pool.close().await;
-    }
-    for service in ["orders", "stock", "payment"] {
-        let _ = sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS \"{instance}_{service}\" WITH (FORCE)"
-        ))
-        .execute(&admin)
-        .await;
     }
 }
 
