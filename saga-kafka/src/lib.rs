@@ -1,6 +1,6 @@
 //! Kafka for saga-core: a [transport](KafkaTransport) on rdkafka with an
 //! idempotent producer (`acks=all`), the ordering key as the record key, and
-//! offsets committed by hand after the handler succeeded.
+//! offsets stored when the handler succeeded and committed every second.
 //!
 //! ```no_run
 //! use saga_core::{Message, Transport};
