@@ -533,13 +533,13 @@ impl World {
     pub async fn check_saga(&self, id: SagaId, plan: &Plan, exact: bool) -> Result<(), String> {
         let view = self.orchestrator.saga(id).await.unwrap().unwrap();
         let state = view.instance.state;
-        if let Some(expected) = plan.expected().filter(|_| exact) {
-            if state != expected {
-                return Err(format!(
-                    "saga {id} ended {state:?}, expected {expected:?}; plan {plan:?}; history {:#?}",
-                    view.instance.history
-                ));
-            }
+        if let Some(expected) = plan.expected().filter(|_| exact)
+            && state != expected
+        {
+            return Err(format!(
+                "saga {id} ended {state:?}, expected {expected:?}; plan {plan:?}; history {:#?}",
+                view.instance.history
+            ));
         }
         let mut effects = Vec::new();
         for step in 0..=PARTICIPANTS.len() as u32 {

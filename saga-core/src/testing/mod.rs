@@ -87,7 +87,7 @@ impl Process {
         let mut command = (self.command)();
         let child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("{:?} starts: {e}", command.get_program()));
+            .unwrap_or_else(|e| panic!("{} starts: {e}", command.get_program().display()));
         self.child = Some(child);
     }
 
